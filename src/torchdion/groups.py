@@ -1,0 +1,83 @@
+"""Parameter groups from a model: Dion for hidden matrices, an element-wise rule for the rest."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    head: nn.Module | Tensor | Iterable[Tensor] | None = None,
+    elementwise: str = "adamw",
+    dion: dict[str, Any] | None = None,
+    embedding: dict[str, Any] | None = None,
+    other: dict[str, Any] | None = None,
+    flatten: bool = False,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into Dion and element-wise groups.
+
+    Rules, in order:
+
+    1. weights of ``nn.Embedding`` modules, and of ``head`` (the output projection; pass the module
+       or its weight), go to the ``embedding`` group with the element-wise algorithm. A head tied
+       to an embedding is the same tensor and is listed once;
+    2. other parameters with 2 dims (or more, with ``flatten=True``) go to the Dion group;
+    3. everything else (norm weights, biases, scalars, >2-D tensors without flatten) goes to the
+       ``other`` group with the element-wise algorithm.
+
+    ``dion``, ``embedding`` and ``other`` hold per-group hyperparameter overrides (lr, ...).
+    Empty groups are left out.
+    """
+    if elementwise not in ("adamw", "lion"):
+        raise ValueError(f"elementwise must be 'adamw' or 'lion', got {elementwise!r}")
+    special: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            special.add(id(module.weight))
+    if isinstance(head, nn.Module):
+        special.update(id(p) for p in head.parameters())
+    elif isinstance(head, Tensor):
+        special.add(id(head))
+    elif head is not None:
+        special.update(id(p) for p in head)
+
+    matrices, embeddings, rest = [], [], []
+    seen: set[int] = set()
+    for p in model.parameters():  # parameters() already lists a tied tensor once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in special:
+            embeddings.append(p)
+        elif p.ndim == 2 or (p.ndim > 2 and flatten):
+            matrices.append(p)
+        else:
+            rest.append(p)
+
+    groups = [
+        dict(params=matrices, algorithm="dion", flatten=flatten, **(dion or {})),
+        dict(params=embeddings, algorithm=elementwise, **(embedding or {})),
+        dict(params=rest, algorithm=elementwise, **(other or {})),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def warn_embeddings_in_dion(model: nn.Module, groups: Iterable[dict[str, Any]]) -> None:
+    """Warn when a weight owned by ``nn.Embedding`` sits in a Dion group."""
+    owned = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for group in groups:
+        if group.get("algorithm", "dion") != "dion":
+            continue
+        params = group["params"]
+        for p in [params] if isinstance(params, Tensor) else params:
+            if id(p) in owned:
+                warnings.warn(
+                    f"the weight of nn.Embedding {owned[id(p)]!r} is in a Dion group; embeddings "
+                    "usually train better with AdamW (see torchdion.param_groups)",
+                    stacklevel=2,
+                )

@@ -1,0 +1,302 @@
+"""The Dion optimizer: parameter groups, state, and the phases of a step."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import elementwise
+from .layout import Layout, matrix_shape, single_device_layout
+from .orthogonalize import METHODS, sketch_matrix, sketch_rows
+from .reduce import Complete, local_complete, run_lockstep
+from .update import DionStep, dion_rank, dion_update, initial_q, lr_scale_factor
+
+ALGORITHMS = ("dion", "adamw", "lion")
+LR_SCALES = ("spectral", "rms", "none")
+# Keys LR schedulers and torch itself add to groups; accepted, never required.
+_FOREIGN_KEYS = frozenset({"params", "initial_lr", "name", "param_names"})
+
+
+def _check(name: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a group or of the defaults."""
+    p = f"{where}" if where else ""
+    lr = group["lr"]
+    _check(p + "lr", (_is_number(lr) or isinstance(lr, Tensor)) and float(lr) >= 0,
+           "a finite number >= 0", lr)
+    _check(p + "mu", _is_number(group["mu"]) and 0 <= group["mu"] < 1, "in [0, 1)", group["mu"])
+    rf = group["rank_fraction"]
+    _check(p + "rank_fraction", _is_number(rf) and 0 < rf <= 1, "in (0, 1]", rf)
+    rm = group["rank_multiple_of"]
+    _check(p + "rank_multiple_of", isinstance(rm, int) and not isinstance(rm, bool) and rm >= 1,
+           "an int >= 1", rm)
+    wd = group["weight_decay"]
+    _check(p + "weight_decay", _is_number(wd) and wd >= 0, "a finite number >= 0", wd)
+    betas = group["betas"]
+    _check(p + "betas", isinstance(betas, (tuple, list)) and len(betas) == 2
+           and all(_is_number(b) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)", betas)
+    _check(p + "eps", _is_number(group["eps"]) and group["eps"] >= 0, "a finite number >= 0",
+           group["eps"])
+    pi = group["power_iters"]
+    _check(p + "power_iters", isinstance(pi, int) and not isinstance(pi, bool) and pi >= 1,
+           "an int >= 1", pi)
+    _check(p + "orthonormalize", group["orthonormalize"] in METHODS, f"one of {METHODS}",
+           group["orthonormalize"])
+    _check(p + "lr_scale", group["lr_scale"] in LR_SCALES, f"one of {LR_SCALES}",
+           group["lr_scale"])
+    _check(p + "algorithm", group["algorithm"] in ALGORITHMS, f"one of {ALGORITHMS}",
+           group["algorithm"])
+    _check(p + "flatten", isinstance(group["flatten"], bool), "a bool", group["flatten"])
+    sd = group["state_dtype"]
+    _check(p + "state_dtype", sd is None or (isinstance(sd, torch.dtype) and sd.is_floating_point),
+           "None or a floating torch.dtype", sd)
+
+
+class Dion(Optimizer):
+    r"""Dion: orthonormalized updates by one warm-started power-iteration step with error feedback.
+
+    For each matrix X (m, n) in a ``"dion"`` group, with A the canonical orientation (X if
+    m >= n, else X^T, shape (a, b)), momentum M and Q (b, r)::
+
+        B = M + G
+        P = orthonormalize(B Q)
+        R = B^T P
+        M = B - (1 - mu) P R^T
+        Q = R / (column_norms(R) + eps)
+        X = X (1 - lr * weight_decay) - lr * scale(m, n) * P Q^T
+
+    r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)). Other parameters use
+    AdamW or Lion (``algorithm`` per group); build the groups with :func:`torchdion.param_groups`.
+
+    Args:
+        params: parameters or parameter groups. Every hyperparameter below except ``seed`` and
+            ``raise_on_nonfinite`` can be set per group; an unknown group key raises.
+        lr: learning rate (Dion and the element-wise algorithms).
+        mu: Dion momentum decay of the captured part, in [0, 1).
+        rank_fraction: r / min(m, n), in (0, 1].
+        rank_multiple_of: r is rounded up to a multiple of this (then capped at min(m, n)).
+        weight_decay: decoupled weight decay, multiplied by lr.
+        betas: (beta1, beta2) of AdamW / Lion.
+        eps: AdamW's denominator epsilon and Dion's column-norm epsilon.
+        power_iters: power-iteration steps per Dion step.
+        orthonormalize: "randomized" (sketched QR then Cholesky QR), "qr" (Householder) or
+            "cholesky" (Cholesky QR, falling back to randomized when ill-conditioned).
+        lr_scale: "spectral" (sqrt(m / n)), "rms" (0.2 sqrt(max(m, n)), AdamW-like update RMS)
+            or "none".
+        algorithm: "dion", "adamw" or "lion".
+        flatten: treat a (out, in, *k) tensor as an (out, in * prod(k)) matrix.
+        state_dtype: dtype of momentum, Q and AdamW moments (None: the parameter's). The math
+            runs in fp32 (fp64 for fp64 parameters) whatever the storage dtype.
+        seed: seeds the initial Q and the randomized sketches; equal on every process.
+        raise_on_nonfinite: raise instead of skipping a parameter whose gradient is not finite.
+
+    State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
+    (min(m, n), r) and ``state[p]["step"]``. A parameter whose step met a non-finite value keeps
+    its weights and state for that step; ``nonfinite_skips`` counts such (parameter, step) pairs.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.01,
+        mu: float = 0.95,
+        rank_fraction: float = 1.0,
+        rank_multiple_of: int = 1,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        power_iters: int = 1,
+        orthonormalize: str = "randomized",
+        lr_scale: str = "spectral",
+        algorithm: str = "dion",
+        flatten: bool = False,
+        state_dtype: torch.dtype | None = None,
+        *,
+        seed: int = 0,
+        raise_on_nonfinite: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, mu=mu, rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
+            weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps, power_iters=power_iters, orthonormalize=orthonormalize, lr_scale=lr_scale,
+            algorithm=algorithm, flatten=flatten, state_dtype=state_dtype,
+        )
+        validate_hyperparameters(defaults)
+        _check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
+        self.seed = seed
+        self.raise_on_nonfinite = bool(raise_on_nonfinite)
+        self.nonfinite_skips = 0
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups and state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        unknown = set(param_group) - set(self.defaults) - _FOREIGN_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown parameter group key(s) {sorted(unknown)}; known keys: "
+                f"{sorted(self.defaults)}"
+            )
+        merged = {**self.defaults, **param_group}
+        index = len(self.param_groups)
+        validate_hyperparameters(merged, where=f"param_groups[{index}].")
+        if merged["algorithm"] == "dion":
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for i, p in enumerate(params):
+                matrix_shape(tuple(p.shape), merged["flatten"],
+                             f"param_groups[{index}]['params'][{i}]")
+        super().add_param_group(param_group)
+
+    def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
+        """The parameter's layout. Subclasses and the distributed wiring override this."""
+        return single_device_layout(*matrix_shape(tuple(p.shape), group["flatten"], "parameter"))
+
+    def _complete(self) -> Complete:
+        return local_complete
+
+    def _param_index(self) -> dict[Tensor, int]:
+        return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        state = self.state[p]
+        dtype = group["state_dtype"] or p.dtype
+        state["step"] = 0
+        if group["algorithm"] == "dion":
+            lay = self.layout(p, group)
+            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
+            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            Q = initial_q(lay.b, r, self.seed, index, dtype)[lay.col_slice]
+            state["Q"] = Q.to(p.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            if group["algorithm"] == "adamw":
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.contiguous_format)
+
+    # ----------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        index = None
+        dion_batches: dict[tuple, list[Tensor]] = defaultdict(list)
+        elementwise_groups: list[tuple[dict[str, Any], list[Tensor]]] = []
+        for gi, group in enumerate(self.param_groups):
+            with_grad = []
+            for p in group["params"]:
+                if not self.state[p]:
+                    index = index or self._param_index()
+                    self._init_state(p, group, index[p])
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("Dion does not support sparse gradients")
+                with_grad.append(p)
+            if group["algorithm"] == "dion":
+                for p in with_grad:
+                    lay = self.layout(p, group)
+                    key = (gi, lay, p.device, p.dtype, self.state[p]["Q"].shape,
+                           self.state[p]["step"])
+                    dion_batches[key].append(p)
+            else:
+                elementwise_groups.append((group, with_grad))
+
+        dion_results = self._dion_phase(dion_batches)
+        finite_elementwise = [
+            (group, params, self._finite(params)) for group, params in elementwise_groups
+        ]
+        bad = sum(int((~ok).sum()) for _, ok in dion_results) + sum(
+            int((~ok).sum()) for _, _, ok in finite_elementwise)
+        if bad and self.raise_on_nonfinite:
+            raise FloatingPointError(
+                f"{bad} parameter(s) met a non-finite gradient or update; nothing was changed")
+        self.nonfinite_skips += bad
+
+        for (key, params), (result, _) in zip(dion_batches.items(), dion_results):
+            self._apply_dion(self.param_groups[key[0]], key[1], params, result)
+        for group, params, ok in finite_elementwise:
+            self._apply_elementwise(group, [p for p, good in zip(params, ok.tolist()) if good])
+        return loss
+
+    def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
+        gens, layouts = [], []
+        for (gi, lay, device, _, q_shape, step), params in batches.items():
+            group = self.param_groups[gi]
+            compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            B = torch.stack([self._local_matrix(self.state[p]["momentum"], group) for p in params])
+            B = B.to(compute).add_(torch.stack([self._local_matrix(p.grad, group) for p in params]))
+            Q = torch.stack([self.state[p]["Q"] for p in params]).to(compute)
+            sketch = None
+            if group["orthonormalize"] != "qr":
+                r = q_shape[-1]
+                sketch = sketch_matrix(sketch_rows(r), lay.a, self.seed, step + 1, device,
+                                       compute)[:, lay.row_slice]
+            gens.append(dion_update(
+                lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
+                method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"]))
+            layouts.append(lay)
+        results = run_lockstep(gens, layouts, self._complete())
+        return [(res, res.ok) for res in results]
+
+    def _local_matrix(self, t: Tensor, group: dict[str, Any]) -> Tensor:
+        return t.reshape(t.shape[0], -1) if group["flatten"] else t
+
+    @staticmethod
+    def _finite(params: list[Tensor]) -> Tensor:
+        if not params:
+            return torch.ones(0, dtype=torch.bool)
+        return torch.stack([p.grad.isfinite().all() for p in params]).cpu()
+
+    def _apply_dion(self, group: dict[str, Any], lay: Layout, params: list[Tensor],
+                    res: DionStep) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        alpha = -lr * lr_scale_factor(group["lr_scale"], lay.m, lay.n)
+        for i, (p, ok) in enumerate(zip(params, res.ok.tolist())):
+            if not ok:
+                continue
+            state = self.state[p]
+            state["step"] += 1
+            M = lay.canonical(self._local_matrix(state["momentum"], group))
+            M.copy_(res.M[i])
+            state["Q"].copy_(res.Q[i])
+            if wd:
+                p.mul_(1 - lr * wd)
+            A = lay.canonical(self._local_matrix(p, group))
+            A.add_(res.P[i] @ res.Q[i].mT, alpha=alpha)
+
+    def _apply_elementwise(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        for s in states:
+            s["step"] += 1
+        grads = [p.grad.to(s["exp_avg"].dtype) for p, s in zip(params, states)]
+        beta1, beta2 = group["betas"]
+        if group["algorithm"] == "adamw":
+            elementwise.adamw(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"])
+        else:
+            elementwise.lion(
+                params, grads, [s["exp_avg"] for s in states], lr=float(group["lr"]),
+                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])

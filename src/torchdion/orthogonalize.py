@@ -1,0 +1,95 @@
+"""Column orthonormalization of the thin factor P, shape (batch, a, r).
+
+Each method is a generator: it yields a :class:`~torchdion.reduce.Reduce` for every sum that
+runs over the rows of P (the long side, which a layout may shard) and receives the completed
+sum back. On one device the sums come back unchanged, so the same code serves every layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+
+import torch
+from torch import Tensor
+
+from .reduce import Reduce
+
+METHODS = ("qr", "cholesky", "randomized")
+
+
+def sketch_rows(r: int) -> int:
+    """Rows k of the randomized sketch: 1.25 r rounded up to a multiple of 128."""
+    return math.ceil(1.25 * r / 128) * 128
+
+
+def sketch_matrix(k: int, a: int, seed: int, step: int, device, dtype) -> Tensor:
+    """The (k, a) Gaussian sketch with entries N(0, 1/k), the same on every process.
+
+    It depends only on (seed, step, k, a), never on the global RNG, so every rank and every layout
+    draws the same matrix; a row-sharded rank slices the columns it owns.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(hash((seed, step, k, a)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randn(k, a, generator=gen, device=device, dtype=dtype) / math.sqrt(k)
+
+
+def _gram(P: Tensor) -> Generator[Reduce, Tensor, Tensor]:
+    return (yield Reduce(P.mT @ P, ("row",)))
+
+
+def cholesky_qr(P: Tensor) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
+    """P (L^T)^-1 with L L^T = P^T P. Returns (P, failed): ``failed`` flags batch entries whose Gram
+    matrix was not numerically positive definite; those are factored with a small diagonal shift
+    (relative to the Gram's trace), which leaves exactly-zero columns at zero."""
+    G = yield from _gram(P)
+    L, info = torch.linalg.cholesky_ex(G)
+    failed = info != 0
+    if failed.any():
+        r = G.shape[-1]
+        shift = torch.finfo(G.dtype).eps * r * G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
+        eye = torch.eye(r, dtype=G.dtype, device=G.device)
+        L = torch.linalg.cholesky_ex(G + shift[:, None, None] * eye).L
+    P = torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)
+    return P, failed
+
+
+def randomized_qr(
+    P: Tensor, sketch: Tensor
+) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
+    """Sketched QR preconditioning then one Cholesky-QR pass.
+
+    ``sketch`` holds the columns of the (k, a) sketch matching P's local rows. Only the (k, r)
+    sketch product and the (r, r) Gram are summed over rows.
+    """
+    SP = yield Reduce(sketch @ P, ("row",))
+    R = torch.linalg.qr(SP, mode="r").R[..., : P.shape[-1], :]
+    # A zero pivot means P has a zero direction; keep that column as it is rather than divide by 0.
+    d = R.diagonal(dim1=-2, dim2=-1)
+    tiny = d.abs() <= torch.finfo(R.dtype).eps * d.abs().amax(-1, keepdim=True)
+    R = R + torch.diag_embed(torch.where(tiny, 1.0 - d, torch.zeros_like(d)))
+    P = torch.linalg.solve_triangular(R, P, upper=True, left=False)
+    return (yield from cholesky_qr(P))
+
+
+def orthonormalize(
+    P: Tensor, method: str, sketch: Tensor | None = None
+) -> Generator[Reduce, Tensor, Tensor]:
+    """Orthonormal columns spanning P's columns, for each matrix of the batch.
+
+    "qr" needs all rows of P locally (Householder QR). "cholesky" falls back to "randomized" for
+    the batch entries whose Gram matrix is not positive definite. Every rank sees the same reduced
+    Gram, so all ranks take the same branch.
+    """
+    if method == "qr":
+        return torch.linalg.qr(P).Q
+    if method == "cholesky":
+        Pc, failed = yield from cholesky_qr(P)
+        if not failed.any():
+            return Pc
+        Pr, _ = yield from randomized_qr(P, sketch)
+        return torch.where(failed[:, None, None], Pr, Pc)
+    if method == "randomized":
+        return (yield from randomized_qr(P, sketch))[0]
+    raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")
