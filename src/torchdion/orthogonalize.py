@@ -35,7 +35,7 @@ def sketch_matrix(k: int, a: int, seed: int, step: int, device, dtype) -> Tensor
 
 
 def _gram(P: Tensor) -> Generator[Reduce, Tensor, Tensor]:
-    return (yield Reduce(P.mT @ P, ("row",)))
+    return (yield Reduce(P.mT @ P, ("row",), "gram"))
 
 
 def cholesky_qr(P: Tensor) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
@@ -63,7 +63,7 @@ def randomized_qr(
     ``sketch`` holds the columns of the (k, a) sketch matching P's local rows. Only the (k, r)
     sketch product and the (r, r) Gram are summed over rows.
     """
-    SP = yield Reduce(sketch @ P, ("row",))
+    SP = yield Reduce(sketch @ P, ("row",), "sketch")
     R = torch.linalg.qr(SP, mode="r").R[..., : P.shape[-1], :]
     # A zero pivot means P has a zero direction; keep that column as it is rather than divide by 0.
     d = R.diagonal(dim1=-2, dim2=-1)

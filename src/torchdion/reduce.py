@@ -27,6 +27,7 @@ AXES = ("row", "col", "replica")
 class Reduce:
     tensor: Tensor
     axes: tuple[str, ...]
+    kind: str  # what the sum is, for the communication ledger ("P", "R", "gram", ...)
 
 
 Complete = Callable[[Sequence[Any], Sequence[Reduce]], Sequence[Tensor]]

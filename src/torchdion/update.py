@@ -83,11 +83,11 @@ def dion_update(
     """
     Q_old = Q
     for _ in range(power_iters):
-        P = yield Reduce(B @ Q, ("col", "replica"))
+        P = yield Reduce(B @ Q, ("col", "replica"), "P")
         P = yield from orthonormalize(P, method, sketch)
-        R_own = yield Reduce(B.mT @ P, ("row",))
-        R = yield Reduce(R_own, ("replica",))
-        norm_sq = yield Reduce((R * R).sum(-2), ("col",))
+        R_own = yield Reduce(B.mT @ P, ("row",), "R")
+        R = yield Reduce(R_own, ("replica",), "R")
+        norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
     ok = torch.isfinite(P).flatten(1).all(1) & torch.isfinite(norm_sq).all(1)
     moved = norm_sq.sum(-1) > 0

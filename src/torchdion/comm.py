@@ -1,0 +1,99 @@
+"""Every collective the optimizer issues, bucketed, and the ledger that records them.
+
+A request is completed by one all-reduce per axis that the layout splits. Requests of one
+lockstep round that share a process group and dtype travel in one flat buffer, so the number of
+collectives per step depends on the number of distinct groups, not on the number of matrices.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .reduce import Reduce
+
+
+def group_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+@dataclass
+class Ledger:
+    """What this process sent in collectives: payload bytes and counts, by kind.
+
+    Bytes are the payload handed to each collective (elements x element size); the wire traffic
+    of a ring all-reduce is 2 (W - 1) / W times that.
+    """
+
+    bytes: int = 0
+    collectives: int = 0
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record(self, kind: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.bytes += nbytes
+        self.collectives += 1
+        entry = self.by_kind.setdefault(kind, {"bytes": 0, "collectives": 0, "elements": 0})
+        entry["bytes"] += nbytes
+        entry["collectives"] += 1
+        entry["elements"] += tensor.numel()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "collectives": self.collectives,
+                "by_kind": {k: dict(v) for k, v in self.by_kind.items()}}
+
+
+class Comm:
+    """Issues the optimizer's collectives and keeps the ledger of the current step."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+
+    def new_step(self) -> None:
+        self.ledger = Ledger()
+
+    def all_reduce_mean(self, tensors: Sequence[Tensor], group: Any, kind: str) -> None:
+        """Average tensors in place across ``group``, one collective per dtype and device."""
+        for t, reduced in zip(tensors, self._reduce(tensors, group, kind, mean=True)):
+            if reduced is not t:
+                t.copy_(reduced)
+
+    def _reduce(self, tensors: Sequence[Tensor], group: Any, kind: str, mean: bool) -> list[Tensor]:
+        """Sum (or average) across ``group``; returns new tensors, leaving the inputs intact."""
+        if group_size(group) == 1 or not tensors:
+            return list(tensors)
+        out: list[Tensor] = list(tensors)
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            buckets[(t.dtype, t.device)].append(i)
+        for idx in buckets.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+            self.ledger.record(kind, flat)
+            # gloo has no AVG: sum, then divide.
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            if mean:
+                flat.div_(group_size(group))
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                out[i] = piece.view(tensors[i].shape)
+        return out
+
+    def complete(self, layouts: Sequence[Any], requests: Sequence[Reduce]) -> list[Tensor]:
+        """Complete each request's sums over the groups its layout assigns to its axes."""
+        out = [req.tensor for req in requests]
+        for axis in ("row", "col", "replica"):
+            buckets: dict[tuple, tuple[Any, list[int]]] = {}
+            for i, (lay, req) in enumerate(zip(layouts, requests)):
+                group = lay.groups.get(axis)
+                if axis in req.axes and group_size(group) > 1:
+                    buckets.setdefault((id(group), req.kind), (group, []))[1].append(i)
+            for (_, kind), (group, idx) in buckets.items():
+                reduced = self._reduce([out[i] for i in idx], group, kind, mean=axis == "replica")
+                for i, t in zip(idx, reduced):
+                    out[i] = t
+        return out
