@@ -8,13 +8,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from . import elementwise
-from .layout import Layout, matrix_shape, single_device_layout
+from .comm import Comm, group_size
+from .layout import Layout, layout_of, local_tensor, matrix_shape, q_state
 from .orthogonalize import METHODS, sketch_matrix, sketch_rows
-from .reduce import Complete, local_complete, run_lockstep
+from .reduce import run_lockstep
 from .update import DionStep, dion_rank, dion_update, initial_q, lr_scale_factor
 
 ALGORITHMS = ("dion", "adamw", "lion")
@@ -103,6 +106,13 @@ class Dion(Optimizer):
             runs in fp32 (fp64 for fp64 parameters) whatever the storage dtype.
         seed: seeds the initial Q and the randomized sketches; equal on every process.
         raise_on_nonfinite: raise instead of skipping a parameter whose gradient is not finite.
+        replicate_group: data-parallel replicas (a ProcessGroup or a 1-D DeviceMesh) whose
+            gradients the optimizer synchronizes itself: element-wise gradients by a bucketed
+            all-reduce, Dion matrices by exchanging the factors P and R (or their full gradient
+            where (a + b) r >= a b). Run the model without DDP (or under ``no_sync``). Sharding
+            (FSDP2 / tensor parallel DTensors) is read from the parameters themselves.
+        gradients_synchronized: the gradients arriving at ``step`` are already averaged over
+            ``replicate_group`` (e.g. by DDP); the optimizer then only keeps replicas' state equal.
 
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
     (min(m, n), r) and ``state[p]["step"]``. A parameter whose step met a non-finite value keeps
@@ -128,6 +138,8 @@ class Dion(Optimizer):
         *,
         seed: int = 0,
         raise_on_nonfinite: bool = False,
+        replicate_group: dist.ProcessGroup | DeviceMesh | None = None,
+        gradients_synchronized: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, mu=mu, rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
@@ -140,7 +152,17 @@ class Dion(Optimizer):
         self.seed = seed
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.nonfinite_skips = 0
+        if isinstance(replicate_group, DeviceMesh):
+            _check("replicate_group", replicate_group.ndim == 1, "a 1-D DeviceMesh",
+                   replicate_group)
+            replicate_group = replicate_group.get_group()
+        self.replicate_group = None if group_size(replicate_group) == 1 else replicate_group
+        self.gradients_synchronized = bool(gradients_synchronized)
+        self._comm = Comm()
+        self._layouts: dict[Tensor, Layout] = {}
         super().__init__(params, defaults)
+        if self.replicate_group is not None:
+            self._check_replicas_identical()
 
     # ----------------------------------------------------------------- groups and state
 
@@ -163,11 +185,73 @@ class Dion(Optimizer):
         super().add_param_group(param_group)
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
-        """The parameter's layout. Subclasses and the distributed wiring override this."""
-        return single_device_layout(*matrix_shape(tuple(p.shape), group["flatten"], "parameter"))
+        """Where the Dion parameter ``p`` lives: shape, orientation, local block, groups.
 
-    def _complete(self) -> Complete:
-        return local_complete
+        Replicas exchange P and R only when that is cheaper than the gradient: where
+        (a + b) r >= a b the gradient is averaged instead and the replica axis is dropped.
+        """
+        lay = self._layouts.get(p)
+        if lay is None:
+            lay = layout_of(p, group["flatten"], self._name(p), self.replicate_group)
+            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
+            if self._syncs_gradients() and (lay.a + lay.b) * r >= lay.a * lay.b:
+                lay = layout_of(p, group["flatten"], self._name(p), None)
+            self._layouts[p] = lay
+        return lay
+
+    def _name(self, p: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+        return f"parameter of shape {tuple(p.shape)}"
+
+    def _syncs_gradients(self) -> bool:
+        return self.replicate_group is not None and not self.gradients_synchronized
+
+    def comm_stats(self) -> dict[str, Any]:
+        """What this process sent in collectives during the last step.
+
+        ``{"bytes": int, "collectives": int, "by_kind": {kind: {"bytes", "collectives",
+        "elements"}}}``; kinds: "grad" (element-wise and full-gradient sync), "P", "R",
+        "sketch", "gram", "norms", "state" (checkpoint averaging). Bytes are payloads handed to
+        all-reduce.
+        """
+        return self._comm.ledger.as_dict()
+
+    def average_replica_state(self) -> None:
+        """Replace each replica's Dion momentum by the replicas' mean, in place.
+
+        Only the mean of the replicas' momenta determines the weights, so this changes no future
+        weight; afterwards every replica holds the same state and any one of them is a complete
+        checkpoint. Call it before ``state_dict`` / ``torch.distributed.checkpoint.save``.
+        """
+        self._comm.new_step()
+        momenta = [local_tensor(self.state[p]["momentum"])
+                   for group in self.param_groups if group["algorithm"] == "dion"
+                   for p in group["params"]
+                   if self.state[p] and self.layout(p, group).groups.get("replica") is not None]
+        self._comm.all_reduce_mean(momenta, self.replicate_group, "state")
+
+    def _check_replicas_identical(self) -> None:
+        params = [local_tensor(p) for g in self.param_groups for p in g["params"]]
+        if not params:
+            return
+        prints = torch.stack([
+            torch.stack([t.double().sum(), t.double().square().sum(),
+                         (t.double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
+            for t in params]).cpu()
+        lo, hi = prints.clone(), prints.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.replicate_group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.replicate_group)
+        differ = (lo != hi).any(1).nonzero().flatten().tolist()
+        if differ:
+            names = [self._name(p) for g in self.param_groups for p in g["params"]]
+            raise ValueError(
+                f"replicate_group: replicas start from different weights ({len(differ)} "
+                f"parameter(s), first {names[differ[0]]}); broadcast the model from one rank "
+                "(or seed it identically) before building the optimizer"
+            )
 
     def _param_index(self) -> dict[Tensor, int]:
         return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -175,18 +259,18 @@ class Dion(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
         dtype = group["state_dtype"] or p.dtype
+        zeros = dict(dtype=dtype, memory_format=torch.contiguous_format)
         state["step"] = 0
         if group["algorithm"] == "dion":
             lay = self.layout(p, group)
             r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            state["momentum"] = torch.zeros_like(p, **zeros)
             Q = initial_q(lay.b, r, self.seed, index, dtype)[lay.col_slice]
-            state["Q"] = Q.to(p.device)
+            state["Q"] = q_state(Q.to(local_tensor(p).device), p, lay)
         else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            state["exp_avg"] = torch.zeros_like(p, **zeros)
             if group["algorithm"] == "adamw":
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=dtype, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
 
     # ----------------------------------------------------------------- the step
 
@@ -197,6 +281,7 @@ class Dion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._comm.new_step()
         index = None
         dion_batches: dict[tuple, list[Tensor]] = defaultdict(list)
         elementwise_groups: list[tuple[dict[str, Any], list[Tensor]]] = []
@@ -214,11 +299,17 @@ class Dion(Optimizer):
             if group["algorithm"] == "dion":
                 for p in with_grad:
                     lay = self.layout(p, group)
-                    key = (gi, lay, p.device, p.dtype, self.state[p]["Q"].shape,
+                    key = (gi, lay, lay.group_ids, p.device, p.dtype, self.state[p]["Q"].shape,
                            self.state[p]["step"])
                     dion_batches[key].append(p)
             else:
                 elementwise_groups.append((group, with_grad))
+
+        if self._syncs_gradients():
+            full = [local_tensor(p.grad) for _, ps in elementwise_groups for p in ps]
+            full += [local_tensor(p.grad) for key, ps in dion_batches.items() for p in ps
+                     if key[1].groups.get("replica") is None]
+            self._comm.all_reduce_mean(full, self.replicate_group, "grad")
 
         dion_results = self._dion_phase(dion_batches)
         finite_elementwise = [
@@ -239,12 +330,12 @@ class Dion(Optimizer):
 
     def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
         gens, layouts = [], []
-        for (gi, lay, device, _, q_shape, step), params in batches.items():
+        for (gi, lay, _, device, _, q_shape, step), params in batches.items():
             group = self.param_groups[gi]
             compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
             B = torch.stack([self._local_matrix(self.state[p]["momentum"], group) for p in params])
             B = B.to(compute).add_(torch.stack([self._local_matrix(p.grad, group) for p in params]))
-            Q = torch.stack([self.state[p]["Q"] for p in params]).to(compute)
+            Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             sketch = None
             if group["orthonormalize"] != "qr":
                 r = q_shape[-1]
@@ -254,17 +345,19 @@ class Dion(Optimizer):
                 lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
                 method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"]))
             layouts.append(lay)
-        results = run_lockstep(gens, layouts, self._complete())
+        results = run_lockstep(gens, layouts, self._comm.complete)
         return [(res, res.ok) for res in results]
 
-    def _local_matrix(self, t: Tensor, group: dict[str, Any]) -> Tensor:
-        return t.reshape(t.shape[0], -1) if group["flatten"] else t
+    @staticmethod
+    def _local_matrix(t: Tensor, group: dict[str, Any]) -> Tensor:
+        t = local_tensor(t)
+        return t.reshape(t.shape[0], -1) if group["flatten"] and t.ndim > 2 else t
 
     @staticmethod
     def _finite(params: list[Tensor]) -> Tensor:
         if not params:
             return torch.ones(0, dtype=torch.bool)
-        return torch.stack([p.grad.isfinite().all() for p in params]).cpu()
+        return torch.stack([local_tensor(p.grad).isfinite().all() for p in params]).cpu()
 
     def _apply_dion(self, group: dict[str, Any], lay: Layout, params: list[Tensor],
                     res: DionStep) -> None:
@@ -277,9 +370,9 @@ class Dion(Optimizer):
             state["step"] += 1
             M = lay.canonical(self._local_matrix(state["momentum"], group))
             M.copy_(res.M[i])
-            state["Q"].copy_(res.Q[i])
+            local_tensor(state["Q"]).copy_(res.Q[i])
             if wd:
-                p.mul_(1 - lr * wd)
+                local_tensor(p).mul_(1 - lr * wd)
             A = lay.canonical(self._local_matrix(p, group))
             A.add_(res.P[i] @ res.Q[i].mT, alpha=alpha)
 
@@ -289,14 +382,16 @@ class Dion(Optimizer):
         states = [self.state[p] for p in params]
         for s in states:
             s["step"] += 1
-        grads = [p.grad.to(s["exp_avg"].dtype) for p, s in zip(params, states)]
+        grads = [local_tensor(p.grad).to(s["exp_avg"].dtype) for p, s in zip(params, states)]
+        params = [local_tensor(p) for p in params]
+        avg = [local_tensor(s["exp_avg"]) for s in states]
         beta1, beta2 = group["betas"]
         if group["algorithm"] == "adamw":
             elementwise.adamw(
-                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                params, grads, avg, [local_tensor(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_decay=group["weight_decay"])
         else:
             elementwise.lion(
-                params, grads, [s["exp_avg"] for s in states], lr=float(group["lr"]),
+                params, grads, avg, lr=float(group["lr"]),
                 beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
