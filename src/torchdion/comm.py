@@ -33,10 +33,12 @@ class Ledger:
 
     bytes: int = 0
     collectives: int = 0
+    largest: int = 0  # elements of the largest single tensor (one matrix's share) sent
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, kind: str, tensor: Tensor) -> None:
+    def record(self, kind: str, tensor: Tensor, largest: int) -> None:
         nbytes = tensor.numel() * tensor.element_size()
+        self.largest = max(self.largest, largest)
         self.bytes += nbytes
         self.collectives += 1
         entry = self.by_kind.setdefault(kind, {"bytes": 0, "collectives": 0, "elements": 0})
@@ -45,7 +47,7 @@ class Ledger:
         entry["elements"] += tensor.numel()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"bytes": self.bytes, "collectives": self.collectives,
+        return {"bytes": self.bytes, "collectives": self.collectives, "largest": self.largest,
                 "by_kind": {k: dict(v) for k, v in self.by_kind.items()}}
 
 
@@ -74,7 +76,7 @@ class Comm:
             buckets[(t.dtype, t.device)].append(i)
         for idx in buckets.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-            self.ledger.record(kind, flat)
+            self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx))
             # gloo has no AVG: sum, then divide.
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             if mean:

@@ -212,10 +212,11 @@ class Dion(Optimizer):
     def comm_stats(self) -> dict[str, Any]:
         """What this process sent in collectives during the last step.
 
-        ``{"bytes": int, "collectives": int, "by_kind": {kind: {"bytes", "collectives",
-        "elements"}}}``; kinds: "grad" (element-wise and full-gradient sync), "P", "R",
-        "sketch", "gram", "norms", "state" (checkpoint averaging). Bytes are payloads handed to
-        all-reduce.
+        ``{"bytes": int, "collectives": int, "largest": int, "by_kind": {kind: {"bytes",
+        "collectives", "elements"}}}``; ``largest`` is the element count of the largest single
+        tensor (one matrix's or one gradient's share of a bucket). Kinds: "grad" (element-wise
+        and full-gradient sync), "P", "R", "sketch", "gram", "norms", "state" (checkpoint
+        averaging). Bytes are payloads handed to all-reduce.
         """
         return self._comm.ledger.as_dict()
 
