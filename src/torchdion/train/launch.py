@@ -1,0 +1,66 @@
+"""Process groups: under torchrun (env://), or N local workers started here on a file store."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _threads(world: int, requested: int) -> None:
+    # Workers on one CPU split its cores; oversubscribing them makes every worker slower.
+    torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) // world))
+
+
+def _worker(rank: int, world: int, init_file: str, threads: int, fn: Callable,
+            args: tuple) -> None:
+    _threads(world, threads)
+    device = _device(rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, device, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn: Callable, nproc: int, threads: int, args: tuple = ()) -> None:
+    """Call ``fn(rank, world, device, *args)`` in every process of the job.
+
+    Under torchrun this process is one rank. Otherwise ``nproc`` > 1 spawns that many workers
+    on this machine, meeting at a file store in a fresh temporary directory (no port to clash);
+    ``nproc`` == 1 runs here without a process group.
+    """
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        _threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), threads)
+        device = _device(local)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            fn(dist.get_rank(), world, device, *args)
+        finally:
+            dist.destroy_process_group()
+        return
+    if nproc == 1:
+        _threads(1, threads)
+        fn(0, 1, _device(0), *args)
+        return
+    with tempfile.TemporaryDirectory(prefix="torchdion-rdzv-") as tmp:
+        mp.start_processes(_worker, args=(nproc, os.path.join(tmp, "store"), threads, fn, args),
+                           nprocs=nproc, start_method="spawn", join=True)

@@ -1,0 +1,217 @@
+"""The training loop, for one process or one rank of a data-parallel group."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import ckpt, optim
+from .data import batch_windows, load_data
+from .model import GPT, GPTConfig
+
+PARALLEL = ("ddp", "fsdp", "tp", "fsdp-tp", "hsdp")
+EVAL_SEED = 12345  # validation windows are the same for every run, so losses compare
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "dion"
+    parallel: str = "ddp"
+    nproc: int = 2
+    rank_fraction: float = 0.25
+    lr: float | None = None  # None: optim.DEFAULT_LR[optimizer]
+    adam_lr: float = 3e-3  # element-wise parameters when the matrices use Dion or Muon
+    weight_decay: float = 0.01
+    warmup: int = 50
+    decay: str = "cosine"  # cosine | linear | none
+    min_lr_ratio: float = 0.1
+    batch: int = 16  # global, split over the processes
+    seq_len: int = 128
+    steps: int = 1000
+    seed: int = 0
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 192
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 0  # 0: no checkpoints
+    keep_ckpts: int = 2
+    resume: bool = False
+    stop_after: int = 0  # stop once this many steps are done (0: at --steps); splits a run
+    out: str = "runs/train"
+    dion_sync: str = "auto"  # auto | compressed | ddp
+    sample_chars: int = 300
+    progress: bool = True
+    plots: bool = True
+    threads: int = 0  # 0: cores / processes
+
+    def resolved_lr(self) -> float:
+        return optim.DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to 1, then ``decay`` to min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.decay == "none":
+        return 1.0
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.decay == "cosine" else 1 - t
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.parallel not in PARALLEL:
+        raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
+    if cfg.parallel != "ddp":
+        raise NotImplementedError(
+            f"--parallel {cfg.parallel} is not available yet: the trainer runs data parallel "
+            "(--parallel ddp) until torchdion's sharded layouts land")
+    if cfg.decay not in ("cosine", "linear", "none"):
+        raise ValueError(f"--decay must be cosine, linear or none, got {cfg.decay!r}")
+    if cfg.optimizer not in optim.OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {optim.OPTIMIZERS}, got {cfg.optimizer!r}")
+    if cfg.dion_sync not in ("auto", "compressed", "ddp"):
+        raise ValueError(f"--dion-sync must be auto, compressed or ddp, got {cfg.dion_sync!r}")
+    if cfg.batch % cfg.nproc:
+        raise ValueError(f"--batch {cfg.batch} must be divisible by --nproc {cfg.nproc}")
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: TrainConfig, rank: int, world: int, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    per = cfg.batch // world
+    for i in range(cfg.eval_batches):
+        x, y = batch_windows(data.val, cfg.batch, cfg.seq_len, EVAL_SEED, i)
+        x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+        total += float(model(x, y)) * y.numel()
+        count += y.numel()
+    model.train()
+    total, count = _all_sum([total, count], device)
+    return total / count
+
+
+def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict:
+    """Train; returns the run's summary (on every rank). Needs the process group when world > 1."""
+    check_config(cfg)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    data = load_data()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    mcfg = GPTConfig(vocab_size=data.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, d_model=cfg.d_model)
+    model = GPT(mcfg).to(device)
+    setup = optim.build(cfg.optimizer, model, model.head, lr=cfg.resolved_lr(),
+                        adam_lr=cfg.adam_lr, weight_decay=cfg.weight_decay,
+                        rank_fraction=cfg.rank_fraction, seed=cfg.seed, world=world,
+                        dion_sync=cfg.dion_sync)
+    net = model
+    if setup.use_ddp:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if getattr(device, "type", "cpu") == "cuda" else None)
+        if setup.sync == "ddp-powersgd":
+            optim.register_powersgd(setup, net, list(model.parameters()), cfg.rank_fraction,
+                                    cfg.d_model)
+
+    start, tokens, train_time, sent, full_sent = 0, 0, 0.0, 0, 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    records: list[dict] = []
+    if cfg.resume:
+        path = ckpt.latest(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
+        meta, extra = ckpt.load(path, net, setup.optimizers)
+        if meta["world"] != world:
+            raise ValueError(f"checkpoint was written by {meta['world']} processes, not {world}")
+        start, tokens, train_time = meta["step"], meta["tokens"], meta["train_time"]
+        sent, full_sent = meta["bytes"], meta["full_bytes"]
+        if extra is not None and setup.powersgd is not None:
+            setup.powersgd.__setstate__(extra["powersgd"])
+        if metrics_path.is_file():  # drop what the interrupted run logged after the checkpoint
+            records = [r for r in map(json.loads, metrics_path.read_text().splitlines())
+                       if r["step"] <= start]
+    if rank == 0:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        log = metrics_path.open("a")
+
+    per = cfg.batch // world
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.optimizer, dynamic_ncols=True)
+
+    def emit(rec: dict) -> None:
+        if rank == 0:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    val_loss = float("nan")
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        setup.set_lr_factor(lr_factor(cfg, step))
+        x, y = batch_windows(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
+        x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+        loss = net(x, y)
+        for o in setup.optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in setup.optimizers:
+            o.step()
+        step_bytes = setup.step_bytes()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        tokens += cfg.batch * cfg.seq_len
+        sent += step_bytes
+        full_sent += setup.full_bytes if world > 1 else 0
+        (loss_mean,) = _all_sum([float(loss) / world], device)
+        if not math.isfinite(loss_mean):
+            raise FloatingPointError(f"training loss is {loss_mean} at step {step + 1}")
+        emit(dict(kind="train", step=step + 1, loss=loss_mean,
+                  lr=setup.optimizers[0].param_groups[0]["lr"], tokens=tokens,
+                  time=train_time, bytes=sent, full_bytes=full_sent))
+        done = step + 1
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            val_loss = evaluate(net, data, cfg, rank, world, device)
+            emit(dict(kind="eval", step=done, val_loss=val_loss, tokens=tokens, time=train_time,
+                      bytes=sent, full_bytes=full_sent))
+            if bar is not None:
+                bar.write(f"step {done}: val loss {val_loss:.4f}")
+        if cfg.ckpt_interval and done % cfg.ckpt_interval == 0:
+            meta = dict(world=world, tokens=tokens, train_time=train_time, bytes=sent,
+                        full_bytes=full_sent, config=asdict(cfg))
+            extra = {"powersgd": setup.powersgd.__getstate__()} if setup.powersgd else None
+            ckpt.save(ckpt_dir, done, net, setup.optimizers, meta, extra)
+            ckpt.prune(ckpt_dir, cfg.keep_ckpts)
+        if cfg.stop_after and done >= cfg.stop_after:
+            break
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{cfg.batch * cfg.seq_len / dt:.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if math.isnan(val_loss):  # resumed at the end: nothing trained, still report the model
+        val_loss = evaluate(net, data, cfg, rank, world, device)
+    if rank == 0:
+        log.close()
+    return dict(
+        optimizer=cfg.optimizer, sync=setup.sync, world=world, params=model.num_params(),
+        steps=cfg.steps, val_loss=val_loss, unigram_loss=data.unigram_loss(),
+        tokens_per_s=tokens / train_time if train_time else float("nan"), train_time=train_time,
+        bytes=sent, full_bytes=full_sent, model=model, data=data,
+    )

@@ -1,0 +1,133 @@
+"""Optimizers for the trainer and the bytes each one makes the data-parallel sync send.
+
+Byte counts are payloads per process per step: the elements handed to all-reduce times 4 bytes
+(fp32), not the wire traffic of a particular all-reduce algorithm (a ring sends about twice the
+payload). "Full" is the payload of a plain all-reduce of every gradient, the DDP baseline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import torchdion
+
+OPTIMIZERS = ("dion", "muon", "adamw", "adamw-powersgd")
+DEFAULT_LR = {"dion": 0.02, "muon": 0.02, "adamw": 3e-3, "adamw-powersgd": 3e-3}
+BETAS = (0.9, 0.95)
+
+
+def dion_has_replicate_group() -> bool:
+    """Whether this torchdion's Dion can sync data-parallel replicas itself (compressed)."""
+    return "replicate_group" in inspect.signature(torchdion.Dion).parameters
+
+
+def hidden_matrices(model: nn.Module, head: nn.Module) -> tuple[list, list]:
+    """(2-D weights that are not embeddings or the head, everything else), by the same rules
+    as torchdion.param_groups, so Muon and Dion orthonormalize the same tensors."""
+    groups = torchdion.param_groups(model, head=head)
+    matrices = [p for g in groups if g["algorithm"] == "dion" for p in g["params"]]
+    ids = {id(p) for p in matrices}
+    return matrices, [p for p in model.parameters() if id(p) not in ids]
+
+
+@dataclass
+class Setup:
+    """What the loop needs: the optimizers, whether to wrap the model in DDP, and how to
+    count the bytes sent by the gradient sync."""
+
+    optimizers: list[torch.optim.Optimizer]
+    use_ddp: bool
+    sync: str  # "none" (one process), "ddp", "ddp-powersgd" or "dion-compressed"
+    full_bytes: int  # payload of one all-reduce of every gradient
+    base_lrs: list[list[float]] = field(default_factory=list)
+    powersgd: object = None  # PowerSGDState once the DDP hook is registered
+    powersgd_bytes: int = 0
+
+    def set_lr_factor(self, f: float) -> None:
+        for opt, lrs in zip(self.optimizers, self.base_lrs):
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr * f
+
+    def step_bytes(self) -> int:
+        """Bytes this process sent for the step just taken."""
+        if self.sync == "none":
+            return 0
+        if self.sync == "dion-compressed":
+            return int(self.optimizers[0].comm_stats()["bytes"])
+        if self.sync == "ddp-powersgd":
+            # The hook has already counted this step; it ran plain all-reduce while iter was
+            # below start_powerSGD_iter (it increments iter after the last bucket).
+            return self.full_bytes if self.powersgd.iter <= self.powersgd.start_powerSGD_iter \
+                else self.powersgd_bytes
+        return self.full_bytes
+
+
+def powersgd_payload(params: list[torch.Tensor], rank: int, min_compression_rate: float) -> int:
+    """Bytes per step of torch's powerSGD_hook once compression starts: each gradient viewed as
+    (shape[0], -1) sends its P (n r) and Q (m r) factors when (n + m) r * rate < n m, and is
+    all-reduced whole otherwise (this mirrors the hook's _should_compress)."""
+    total = 0
+    for p in params:
+        n = p.shape[0] if p.ndim else 1
+        m = p.numel() // n
+        r = min(n, m, rank)
+        total += (n + m) * r if (n + m) * r * min_compression_rate < n * m else n * m
+    return 4 * total
+
+
+def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
+          weight_decay: float, rank_fraction: float, seed: int, world: int,
+          group=None, dion_sync: str = "auto") -> Setup:
+    """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = 4 * sum(p.numel() for p in params)
+    sync = "ddp" if world > 1 else "none"
+    if kind == "dion":
+        groups = torchdion.param_groups(
+            model, head=head, dion=dict(rank_fraction=rank_fraction),
+            embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
+        kwargs = {}
+        compressed = world > 1 and dion_sync != "ddp" and (
+            dion_sync == "compressed" or dion_has_replicate_group())
+        if compressed:
+            if not dion_has_replicate_group():
+                raise NotImplementedError(
+                    "this torchdion's Dion has no replicate_group argument yet; "
+                    "use --dion-sync ddp")
+            import torch.distributed as dist
+            kwargs["replicate_group"] = group or dist.group.WORLD
+            sync = "dion-compressed"
+        opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
+                               **kwargs)]
+    elif kind == "muon":
+        matrices, rest = hidden_matrices(model, head)
+        opts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay),
+                torch.optim.AdamW(rest, lr=adam_lr, betas=BETAS, weight_decay=weight_decay)]
+    else:
+        opts = [torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=weight_decay)]
+        if kind == "adamw-powersgd" and world > 1:
+            sync = "ddp-powersgd"
+    setup = Setup(optimizers=opts, use_ddp=sync in ("ddp", "ddp-powersgd"), sync=sync,
+                  full_bytes=full, base_lrs=[[g["lr"] for g in o.param_groups] for o in opts])
+    return setup
+
+
+def register_powersgd(setup: Setup, ddp_model, params: list[torch.Tensor], rank_fraction: float,
+                      d_model: int, group=None) -> None:
+    """PowerSGD at rank ceil(rank_fraction * d_model), the rank Dion uses for a d x d matrix."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    rank = max(1, math.ceil(rank_fraction * d_model))
+    # Rate 1: compress whenever the factors are smaller than the gradient, Dion's own rule.
+    state = ps.PowerSGDState(process_group=group, matrix_approximation_rank=rank,
+                             start_powerSGD_iter=2, min_compression_rate=1)
+    ddp_model.register_comm_hook(state, ps.powerSGD_hook)
+    setup.powersgd = state
+    setup.powersgd_bytes = powersgd_payload(params, rank, 1)
