@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         tokens += cfg.batch * cfg.seq_len
         sent += step_bytes
         full_sent += setup.full_bytes if world > 1 else 0
-        (loss_mean,) = _all_sum([float(loss) / world], device)
+        (loss_mean,) = _all_sum([loss.item() / world], device)
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"training loss is {loss_mean} at step {step + 1}")
         emit(dict(kind="train", step=step + 1, loss=loss_mean,

@@ -1,0 +1,77 @@
+"""The example trainer: data, a 2-worker run end to end, and exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from torchdion.train import cli
+from torchdion.train.data import batch_windows, clean_play, load_data
+from torchdion.train.loop import TrainConfig, check_config
+
+TINY = ["--nproc", "2", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--seq-len", "32",
+        "--batch", "8", "--steps", "16", "--warmup", "2", "--lr", "0.03", "--adam-lr", "0.01",
+        "--eval-interval", "8", "--eval-batches", "2", "--ckpt-interval", "8",
+        "--sample-chars", "20", "--no-progress"]
+
+
+def test_clean_play_strips_markdown():
+    md = ("# Hamlet\n\n## ACT I\n\n_Enter BERNARDO and FRANCISCO, two_\n_sentinels_\n\n"
+          "**BERNARDO**  \nWho's there?  \nNay, \\--answer me.\n")
+    assert clean_play(md) == ("Hamlet\n\nACT I\n\nEnter BERNARDO and FRANCISCO, two\nsentinels\n\n"
+                              "BERNARDO:\nWho's there?\nNay, --answer me.\n")
+
+
+def test_corpus_split_and_baseline():
+    data = load_data()
+    assert len(data.train) > 4_000_000 and len(data.val) > 400_000
+    assert not set(data.vocab) & set("*_#\\")
+    assert 3.0 < data.unigram_loss() < 3.6  # English characters: about 3.3 nats
+    x, y = batch_windows(data.train, 4, 16, seed=1, step=7)
+    x2, _ = batch_windows(data.train, 4, 16, seed=1, step=7)
+    assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_unsupported_layouts_raise_clearly():
+    with pytest.raises(NotImplementedError, match="fsdp"):
+        check_config(TrainConfig(parallel="fsdp"))
+
+
+def _weights(ckpt_dir, tmp_path, name):
+    out = tmp_path / f"{name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    return torch.load(out, weights_only=False)["model"]
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_train_and_resume_exactly(tmp_path):
+    # One uninterrupted run, and the same run stopped at its first checkpoint and resumed.
+    full, split = tmp_path / "full", tmp_path / "split"
+    cli.main([*TINY, "--out", str(full)])
+    cli.main([*TINY, "--out", str(split), "--stop-after", "8"])
+    cli.main([*TINY, "--out", str(split), "--resume"])
+
+    records = _records(full)
+    train = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train) == 16 and sum(train[-3:]) < sum(train[:3]) - 0.3
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["sync"] == "dion-compressed" and summary["world"] == 2
+    assert 0 < summary["bytes"] < summary["full_bytes"]
+    assert summary["val_loss"] < train[0]
+    for f in ("loss.png", "summary.md", "sample.txt"):
+        assert (full / f).stat().st_size > 0
+
+    resumed = _records(split)
+    assert len(resumed) == len(records)
+    assert resumed == [{**r, "time": r2["time"]} for r, r2 in zip(records, resumed)]
+    a = _weights(full / "checkpoints" / "step_000016", tmp_path, "a")
+    b = _weights(split / "checkpoints" / "step_000016", tmp_path, "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
