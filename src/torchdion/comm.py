@@ -34,11 +34,15 @@ class Ledger:
     bytes: int = 0
     collectives: int = 0
     largest: int = 0  # elements of the largest single tensor (one matrix's share) sent
+    # largest (elements of one Dion request) / (m n of its matrix): below 1 means no collective
+    # carried anything the size of a whole matrix
+    largest_matrix_fraction: float = 0.0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, kind: str, tensor: Tensor, largest: int) -> None:
+    def record(self, kind: str, tensor: Tensor, largest: int, fraction: float = 0.0) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         self.largest = max(self.largest, largest)
+        self.largest_matrix_fraction = max(self.largest_matrix_fraction, fraction)
         self.bytes += nbytes
         self.collectives += 1
         entry = self.by_kind.setdefault(kind, {"bytes": 0, "collectives": 0, "elements": 0})
@@ -48,6 +52,7 @@ class Ledger:
 
     def as_dict(self) -> dict[str, Any]:
         return {"bytes": self.bytes, "collectives": self.collectives, "largest": self.largest,
+                "largest_matrix_fraction": self.largest_matrix_fraction,
                 "by_kind": {k: dict(v) for k, v in self.by_kind.items()}}
 
 
@@ -66,7 +71,8 @@ class Comm:
             if reduced is not t:
                 t.copy_(reduced)
 
-    def _reduce(self, tensors: Sequence[Tensor], group: Any, kind: str, mean: bool) -> list[Tensor]:
+    def _reduce(self, tensors: Sequence[Tensor], group: Any, kind: str, mean: bool,
+                matrix_sizes: Sequence[int] | None = None) -> list[Tensor]:
         """Sum (or average) across ``group``; returns new tensors, leaving the inputs intact."""
         if group_size(group) == 1 or not tensors:
             return list(tensors)
@@ -76,7 +82,8 @@ class Comm:
             buckets[(t.dtype, t.device)].append(i)
         for idx in buckets.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-            self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx))
+            fraction = max(tensors[i].numel() / matrix_sizes[i] for i in idx) if matrix_sizes else 0
+            self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx), fraction)
             # gloo has no AVG: sum, then divide.
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             if mean:
@@ -95,7 +102,8 @@ class Comm:
                 if axis in req.axes and group_size(group) > 1:
                     buckets.setdefault((id(group), req.kind), (group, []))[1].append(i)
             for (_, kind), (group, idx) in buckets.items():
-                reduced = self._reduce([out[i] for i in idx], group, kind, mean=axis == "replica")
+                reduced = self._reduce([out[i] for i in idx], group, kind, axis == "replica",
+                                       [layouts[i].m * layouts[i].n for i in idx])
                 for i, t in zip(idx, reduced):
                     out[i] = t
         return out

@@ -18,7 +18,15 @@ from .comm import Comm, group_size
 from .layout import Layout, layout_of, local_tensor, matrix_shape, q_state
 from .orthogonalize import METHODS, sketch_matrix, sketch_rows
 from .reduce import run_lockstep
-from .update import DionStep, dion_rank, dion_update, initial_q, lr_scale_factor
+from .update import (
+    DionStep,
+    Workspace,
+    accumulate,
+    dion_rank,
+    dion_update,
+    initial_q,
+    lr_scale_factor,
+)
 
 ALGORITHMS = ("dion", "adamw", "lion")
 LR_SCALES = ("spectral", "rms", "none")
@@ -192,9 +200,10 @@ class Dion(Optimizer):
         """
         lay = self._layouts.get(p)
         if lay is None:
-            lay = layout_of(p, group["flatten"], self._name(p), self.replicate_group)
+            replica = self.replicate_group if self._syncs_gradients() else None
+            lay = layout_of(p, group["flatten"], self._name(p), replica)
             r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-            if self._syncs_gradients() and (lay.a + lay.b) * r >= lay.a * lay.b:
+            if replica is not None and (lay.a + lay.b) * r >= lay.a * lay.b:
                 lay = layout_of(p, group["flatten"], self._name(p), None)
             self._layouts[p] = lay
         return lay
@@ -212,9 +221,11 @@ class Dion(Optimizer):
     def comm_stats(self) -> dict[str, Any]:
         """What this process sent in collectives during the last step.
 
-        ``{"bytes": int, "collectives": int, "largest": int, "by_kind": {kind: {"bytes",
-        "collectives", "elements"}}}``; ``largest`` is the element count of the largest single
-        tensor (one matrix's or one gradient's share of a bucket). Kinds: "grad" (element-wise
+        ``{"bytes": int, "collectives": int, "largest": int, "largest_matrix_fraction": float,
+        "by_kind": {kind: {"bytes", "collectives", "elements"}}}``; ``largest`` is the element
+        count of the largest single tensor (one matrix's or one gradient's share of a bucket),
+        ``largest_matrix_fraction`` the largest Dion factor sent relative to its matrix's m n
+        (below 1: no matrix was ever reconstructed). Kinds: "grad" (element-wise
         and full-gradient sync), "P", "R", "sketch", "gram", "norms", "state" (checkpoint
         averaging). Bytes are payloads handed to all-reduce.
         """
@@ -272,6 +283,20 @@ class Dion(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, **zeros)
             if group["algorithm"] == "adamw":
                 state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating state to the parameter's dtype on load; put back ``state_dtype``
+        (exact: the saved values were of that dtype)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            dtype = group["state_dtype"]
+            if dtype is None:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                for key, value in state.items():
+                    if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                        state[key] = value.to(dtype)
 
     # ----------------------------------------------------------------- the step
 
@@ -331,16 +356,22 @@ class Dion(Optimizer):
 
     def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
         gens, layouts = [], []
+        # Set lazily: torch's optimizer pickling keeps only defaults, state and groups.
+        workspace = self.__dict__.get("_workspace")
+        if workspace is None:
+            workspace = self._workspace = Workspace()
+        workspace.begin()
         for (gi, lay, _, device, _, q_shape, step), params in batches.items():
             group = self.param_groups[gi]
             compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-            B = torch.stack([self._local_matrix(self.state[p]["momentum"], group) for p in params])
-            B = B.to(compute).add_(torch.stack([self._local_matrix(p.grad, group) for p in params]))
+            momenta = [self._local_matrix(self.state[p]["momentum"], group) for p in params]
+            B = accumulate(momenta, [self._local_matrix(p.grad, group) for p in params], compute,
+                           workspace.take((len(params), *momenta[0].shape), compute, device))
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             sketch = None
             if group["orthonormalize"] != "qr":
                 r = q_shape[-1]
-                sketch = sketch_matrix(sketch_rows(r), lay.a, self.seed, step + 1, device,
+                sketch = sketch_matrix(sketch_rows(r, lay.a), lay.a, self.seed, step + 1, device,
                                        compute)[:, lay.row_slice]
             gens.append(dion_update(
                 lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
@@ -370,12 +401,10 @@ class Dion(Optimizer):
             state = self.state[p]
             state["step"] += 1
             M = lay.canonical(self._local_matrix(state["momentum"], group))
-            M.copy_(res.M[i])
+            res.write_momentum(i, M)
             local_tensor(state["Q"]).copy_(res.Q[i])
-            if wd:
-                local_tensor(p).mul_(1 - lr * wd)
             A = lay.canonical(self._local_matrix(p, group))
-            A.add_(res.P[i] @ res.Q[i].mT, alpha=alpha)
+            res.apply_update(i, A, alpha, 1 - lr * wd)
 
     def _apply_elementwise(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if not params:

@@ -18,9 +18,11 @@ from .reduce import Reduce
 METHODS = ("qr", "cholesky", "randomized")
 
 
-def sketch_rows(r: int) -> int:
-    """Rows k of the randomized sketch: 1.25 r rounded up to a multiple of 128."""
-    return math.ceil(1.25 * r / 128) * 128
+def sketch_rows(r: int, a: int) -> int:
+    """Rows k of the randomized sketch: 1.25 r rounded up to a multiple of 128, at most a.
+
+    More rows than P has would only enlarge the (k, r) reduction past P itself."""
+    return min(a, math.ceil(1.25 * r / 128) * 128)
 
 
 def sketch_matrix(k: int, a: int, seed: int, step: int, device, dtype) -> Tensor:

@@ -1,0 +1,271 @@
+"""One rank of the distributed equivalence checks (launched by test_distributed.py).
+
+Every rank also runs the single-process optimizer on the global batch itself, so each scenario
+compares the distributed run with the one-device run inside the same process. Results go to a
+JSON file per rank; the pytest side asserts on them.
+
+usage: python dist_worker.py RANK WORLD STORE_FILE OUT_FILE
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import torchdion
+from torchdion.orthogonalize import sketch_rows
+from torchdion.update import dion_rank
+
+STEPS = 10
+GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (DESIGN.md section 4)
+
+
+class Net(nn.Module):
+    """Tall, wide and square matrices whose dims do not divide by 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(30, 70, bias=False)   # 70 x 30, tall
+        self.w2 = nn.Linear(70, 64, bias=False)   # 64 x 70, wide
+        self.norm = nn.LayerNorm(64)              # element-wise parameters
+        self.w3 = nn.Linear(64, 64, bias=False)   # square
+        self.w4 = nn.Linear(64, 70, bias=False)   # 70 x 64, tall
+        self.w5 = nn.Linear(70, 30, bias=False)   # 30 x 70, wide
+
+    def forward(self, x):
+        h = torch.tanh(self.w1(x))
+        h = self.norm(self.w2(h))
+        h = torch.tanh(self.w3(h))
+        h = torch.tanh(self.w4(h))
+        return self.w5(h)
+
+
+def make_net() -> Net:
+    torch.manual_seed(1234)
+    return Net()
+
+
+def batches():
+    gen = torch.Generator().manual_seed(99)
+    target = torch.randn(30, 30, generator=gen)
+    for _ in range(STEPS):
+        x = torch.randn(GLOBAL_BATCH, 30, generator=gen)
+        yield x, torch.tanh(x @ target)
+
+
+def make_opt(model, rank_fraction, method, **kw):
+    groups = torchdion.param_groups(model, dion=dict(rank_fraction=rank_fraction))
+    return torchdion.Dion(groups, lr=0.05, orthonormalize=method, weight_decay=0.01, **kw)
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reference(rank_fraction, method):
+    model = make_net()
+    opt = make_opt(model, rank_fraction, method)
+    for x, y in batches():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momenta = {n: opt.state[p]["momentum"].clone() for n, p in model.named_parameters()
+               if "momentum" in opt.state[p]}
+    return params, momenta
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------ layouts
+# Each returns (model, optimizer kwargs, batch slice for this rank).
+
+def ddp(world, rank):
+    model = make_net()
+    share = GLOBAL_BATCH // world
+    return model, dict(replicate_group=dist.group.WORLD), slice(rank * share, (rank + 1) * share)
+
+
+def ddp_full(world, rank):
+    """DDP averages full gradients; the optimizer is told they arrive synchronized."""
+    model, _, rows = ddp(world, rank)
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    return wrapped, dict(replicate_group=dist.group.WORLD, gradients_synchronized=True), rows
+
+
+def fsdp(world, rank):
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_net()
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+        fully_shard(getattr(model, name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    share = GLOBAL_BATCH // world
+    return model, {}, slice(rank * share, (rank + 1) * share)
+
+
+def tp_plan():
+    return {
+        "w1": ColwiseParallel(),
+        "w2": RowwiseParallel(),
+        "w3": ColwiseParallel(),
+        "w4": RowwiseParallel(),
+        "w5": ColwiseParallel(output_layouts=Replicate()),
+    }
+
+
+def tp(world, rank):
+    mesh = init_device_mesh("cpu", (world,))
+    model = parallelize_module(make_net(), mesh, tp_plan())
+    return model, {}, slice(0, GLOBAL_BATCH)
+
+
+def hsdp(world, rank):
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+    model = make_net()
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+        fully_shard(getattr(model, name), mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    share = GLOBAL_BATCH // world
+    return model, dict(replicate_group=mesh["rep"]), slice(rank * share, (rank + 1) * share)
+
+
+def fsdp_tp(world, rank):
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(make_net(), mesh["tp"], tp_plan())
+
+    def other_dim(p):
+        # FSDP shards the dim that TP leaves whole, so each matrix dim has one sharding group.
+        tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
+        return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
+
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+        fully_shard(getattr(model, name), mesh=mesh["dp"], shard_placement_fn=other_dim)
+    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
+    dp_rank = mesh["dp"].get_local_rank()
+    share = GLOBAL_BATCH // 2
+    return model, {}, slice(dp_rank * share, (dp_rank + 1) * share)
+
+
+LAYOUTS = {
+    2: {"ddp": ddp, "ddp_full": ddp_full, "fsdp": fsdp, "tp": tp},
+    4: {"ddp": ddp, "fsdp": fsdp, "hsdp": hsdp, "fsdp_tp": fsdp_tp},
+}
+
+
+def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int]:
+    """Elements this rank should send per step, by kind, from the DESIGN.md section 2 table."""
+    out: dict[str, int] = {}
+
+    def add(kind, n):
+        out[kind] = out.get(kind, 0) + n
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            local = p.to_local() if isinstance(p, DTensor) else p
+            syncs = opt.replicate_group is not None and not opt.gradients_synchronized
+            if group["algorithm"] != "dion":
+                if syncs:
+                    add("grad", local.numel())
+                continue
+            lay = opt.layout(p, group)
+            r = dion_rank(lay.b, rank_fraction, 1)
+            a_loc, b_loc = lay.rows[1] - lay.rows[0], lay.cols[1] - lay.cols[0]
+            size = {ax: (1 if g is None else dist.get_world_size(g))
+                    for ax, g in lay.groups.items()}
+            row, col, rep = size.get("row", 1), size.get("col", 1), size.get("replica", 1)
+            if syncs and (lay.a + lay.b) * r >= lay.a * lay.b:
+                add("grad", local.numel())
+            if col > 1:
+                add("P", a_loc * r)
+            if rep > 1:
+                add("P", a_loc * r)
+            if row > 1:
+                if method == "randomized":
+                    add("sketch", sketch_rows(r, lay.a) * r)
+                add("gram", r * r)
+                add("R", b_loc * r)
+            if rep > 1:
+                add("R", b_loc * r)
+            if col > 1:
+                add("norms", r)
+    return out
+
+
+def run_scenario(name, build, world, rank, rank_fraction, method, ref):
+    model, kw, rows = build(world, rank)
+    opt = make_opt(model, rank_fraction, method, **kw)
+    per_step = []
+    for x, y in batches():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+        per_step.append(opt.comm_stats())
+    ref_params, ref_momenta = ref
+    errs, mom_errs, local_params = {}, {}, {}
+    replica = None if kw.get("gradients_synchronized") else kw.get("replicate_group")
+    replica = replica.get_group() if hasattr(replica, "get_group") else replica
+    for n, p in model.named_parameters():
+        n = n.removeprefix("module.")
+        errs[n] = rel_err(full(p.detach()), ref_params[n])
+        local_params[n] = (p.to_local() if isinstance(p, DTensor) else p).detach()
+        if n in ref_momenta:
+            mom = opt.state[p]["momentum"]
+            mom = full(mom).clone()
+            if replica is not None:
+                dist.all_reduce(mom, group=replica)
+                mom /= dist.get_world_size(replica)
+            mom_errs[n] = rel_err(mom, ref_momenta[n])
+    # replicas are bitwise identical when the min and max over the group agree everywhere
+    identical = True
+    if replica is not None:
+        for t in local_params.values():
+            lo, hi = t.clone(), t.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=replica)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=replica)
+            identical &= bool(torch.equal(lo, hi))
+    expected = expected_elements(model, opt, rank_fraction, method, world)
+    measured = {k: v["elements"] for k, v in per_step[-1]["by_kind"].items()}
+    return dict(
+        name=name, world=world, rank=rank, rank_fraction=rank_fraction, method=method,
+        param_err=max(errs.values()), momentum_err=max(mom_errs.values()),
+        replicas_identical=identical, expected_elements=expected, measured_elements=measured,
+        largest_fraction=max(s["largest_matrix_fraction"] for s in per_step),
+        bytes=per_step[-1]["bytes"], collectives=per_step[-1]["collectives"],
+        nonfinite_skips=opt.nonfinite_skips,
+    )
+
+
+def main() -> None:
+    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    # float64: at full rank the orthonormalized direction is as ill-conditioned as the momentum,
+    # so fp32 reassociation alone moves it by ~1e-2; in fp64 any real difference stands out.
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = []
+    # Cholesky QR squares P's condition number; at full rank that is the momentum's own and
+    # two correct runs part at the 1e-3 level even in fp64, so it is checked at r < b only.
+    combos = [(1.0, "randomized"), (0.5, "randomized"), (0.5, "cholesky"),
+              (0.25, "randomized"), (0.25, "cholesky")]
+    for rank_fraction, method in combos:
+        ref = reference(rank_fraction, method)
+        for name, build in LAYOUTS[world].items():
+            results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref))
+    with open(out, "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
