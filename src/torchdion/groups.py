@@ -59,10 +59,11 @@ def param_groups(
         else:
             rest.append(p)
 
+    # the overrides win, so e.g. other=dict(algorithm="lion") works beside AdamW embeddings
     groups = [
-        dict(params=matrices, algorithm="dion", flatten=flatten, **(dion or {})),
-        dict(params=embeddings, algorithm=elementwise, **(embedding or {})),
-        dict(params=rest, algorithm=elementwise, **(other or {})),
+        {"params": matrices, "algorithm": "dion", "flatten": flatten, **(dion or {})},
+        {"params": embeddings, "algorithm": elementwise, **(embedding or {})},
+        {"params": rest, "algorithm": elementwise, **(other or {})},
     ]
     return [g for g in groups if g["params"]]
 

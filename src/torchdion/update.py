@@ -20,7 +20,9 @@ from .reduce import Reduce
 
 def dion_rank(b: int, rank_fraction: float, rank_multiple_of: int) -> int:
     """r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)), at least 1."""
-    r = math.ceil(rank_fraction * b)
+    x = rank_fraction * b
+    # rank_fraction is a decimal: 0.07 * 100 is 7.000000000000001 in floats, and means 7, not 8
+    r = math.ceil(x - 1e-9 * max(1.0, x))
     r = math.ceil(r / rank_multiple_of) * rank_multiple_of
     return max(1, min(b, r))
 
