@@ -97,16 +97,12 @@ def test_state_dict_has_momentum_and_Q():
 
 
 def _lr_run(lr, factor):
+    """Three steps with one lr for every group, through a LambdaLR of ``factor`` if not None."""
     model = TinyLM(seed=0)
     opt = torchdion.Dion(_groups(model), lr=lr, weight_decay=0.1, seed=3)
-    if factor is not None:
-        for g in opt.param_groups:  # one lr everywhere so the two runs are comparable
-            g["lr"] = lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor)
-    else:
-        sched = None
-        for g in opt.param_groups:
-            g["lr"] = lr
+    for g in opt.param_groups:
+        g["lr"] = lr
+    sched = None if factor is None else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor)
     for x in batches(3):
         lm_step(model, opt, x)
         if sched is not None:
