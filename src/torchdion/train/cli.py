@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from . import launch, optim, report
-from .loop import PARALLEL, TrainConfig, train
+from .loop import PARALLEL, TrainConfig, check_config, train
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,18 +93,12 @@ def _job(rank: int, world: int, device, cfg: TrainConfig, started: float) -> Non
 def main(argv=None) -> None:
     started = time.time()
     cfg = config_from_args(argv)
+    world = int(os.environ["WORLD_SIZE"]) if launch.under_torchrun() else cfg.nproc
     try:
-        from .loop import check_config
-        check_config(cfg if not launch.under_torchrun() else _with_world(cfg))
+        check_config(cfg, world)
     except (ValueError, NotImplementedError) as e:
         raise SystemExit(f"torchdion-train: {e}") from None
     launch.run(_job, cfg.nproc, cfg.threads, args=(cfg, started))
-
-
-def _with_world(cfg: TrainConfig) -> TrainConfig:
-    import os
-    from dataclasses import replace
-    return replace(cfg, nproc=int(os.environ["WORLD_SIZE"]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,14 +34,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     batch: int = 16  # global, split over the processes
     seq_len: int = 128
-    steps: int = 1000
+    steps: int = 600
     seed: int = 0
     n_layer: int = 6
     n_head: int = 6
     d_model: int = 192
     eval_interval: int = 100
-    eval_batches: int = 20
-    ckpt_interval: int = 0  # 0: no checkpoints
+    eval_batches: int = 16
+    ckpt_interval: int = 200  # 0: no checkpoints
     keep_ckpts: int = 2
     resume: bool = False
     stop_after: int = 0  # stop once this many steps are done (0: at --steps); splits a run
@@ -66,7 +67,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
     if cfg.parallel != "ddp":
@@ -79,8 +80,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--optimizer must be one of {optim.OPTIMIZERS}, got {cfg.optimizer!r}")
     if cfg.dion_sync not in ("auto", "compressed", "ddp"):
         raise ValueError(f"--dion-sync must be auto, compressed or ddp, got {cfg.dion_sync!r}")
-    if cfg.batch % cfg.nproc:
-        raise ValueError(f"--batch {cfg.batch} must be divisible by --nproc {cfg.nproc}")
+    if cfg.batch % world:
+        raise ValueError(f"--batch {cfg.batch} must be divisible by the {world} processes")
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -107,7 +108,7 @@ def evaluate(model, data, cfg: TrainConfig, rank: int, world: int, device) -> fl
 
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict:
     """Train; returns the run's summary (on every rank). Needs the process group when world > 1."""
-    check_config(cfg)
+    check_config(cfg, world)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     data = load_data()
@@ -130,6 +131,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     start, tokens, train_time, sent, full_sent = 0, 0, 0.0, 0, 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and ckpt_dir.exists():  # a fresh run must not resume into old ones
+            shutil.rmtree(ckpt_dir)
     metrics_path = out / "metrics.jsonl"
     records: list[dict] = []
     if cfg.resume:

@@ -1,0 +1,206 @@
+"""Convergence on character-level Shakespeare: AdamW, Muon and Dion at rank fractions 1 to 1/8.
+
+Every arm trains the same GPT on the same batches (single process, in this process). Each arm
+first sweeps its learning rate on a log grid with seed 0, then reruns its best lr with more seeds.
+AdamW is swept first: its best lr then serves as the AdamW lr of the element-wise parameters
+(embeddings, head, norms) of the Muon and Dion arms, so those arms differ only in how they
+update the hidden matrices.
+
+    python benchmarks/convergence.py            # the full run, writes benchmarks/results/
+    python benchmarks/convergence.py --quick    # about a minute, writes runs/convergence-quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from torchdion.train.data import load_data
+from torchdion.train.loop import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent
+# (name, optimizer, rank fraction)
+ARMS = [("AdamW", "adamw", 1.0), ("Muon", "muon", 1.0), ("Dion r=1", "dion", 1.0),
+        ("Dion r=1/2", "dion", 0.5), ("Dion r=1/4", "dion", 0.25), ("Dion r=1/8", "dion", 0.125)]
+MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
+ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
+
+
+def base_config(quick: bool) -> TrainConfig:
+    if quick:
+        return TrainConfig(nproc=1, n_layer=1, n_head=2, d_model=32, seq_len=32, batch=8,
+                           steps=20, warmup=2, eval_interval=5, eval_batches=2, sample_chars=0,
+                           progress=False, plots=False)
+    return TrainConfig(nproc=1, n_layer=4, n_head=4, d_model=128, seq_len=64, batch=16,
+                       steps=300, warmup=30, eval_interval=25, eval_batches=8, sample_chars=0,
+                       progress=False, plots=False)
+
+
+def run_one(cfg: TrainConfig) -> dict:
+    s = train(cfg)
+    evals = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text()
+             .splitlines()]
+    evals = [(r["step"], r["val_loss"]) for r in evals if r["kind"] == "eval"]
+    return dict(lr=cfg.resolved_lr(), seed=cfg.seed, val_loss=s["val_loss"], curve=evals,
+                train_time=s["train_time"], unigram=s["unigram_loss"])
+
+
+def steps_to(curve: list, target: float) -> float:
+    return next((step for step, loss in curve if loss <= target), math.nan)
+
+
+def fmt(x: float, spec: str = ".3f") -> str:
+    return "-" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model and grids: about a minute")
+    p.add_argument("--seeds", type=int, default=None, help="seeds at the best lr (default 3)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="results directory")
+    p.add_argument("--runs", default=None, help="directory for the runs' own files")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    base = base_config(quick)
+    if args.steps:
+        base = replace(base, steps=args.steps, warmup=max(1, args.steps // 10),
+                       eval_interval=max(1, args.steps // 12))
+    seeds = args.seeds or (2 if quick else 3)
+    matrix_lrs = MATRIX_LRS[1:4:2] if quick else MATRIX_LRS
+    adamw_lrs = ADAMW_LRS[1:4:2] if quick else ADAMW_LRS
+    out = Path(args.out) if args.out else (Path("runs/convergence-quick") if quick
+                                           else ROOT / "results")
+    runs = Path(args.runs) if args.runs else Path("runs") / ("convergence-quick" if quick
+                                                             else "convergence")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data = load_data()
+
+    results = {}
+    adam_lr = base.adam_lr
+    for name, kind, rf in ARMS:
+        lrs = adamw_lrs if kind == "adamw" else matrix_lrs
+        arm = replace(base, optimizer=kind, rank_fraction=rf, adam_lr=adam_lr)
+        tag = name.replace(" ", "").replace("/", "_").replace("=", "")
+        sweep = []
+        for lr in lrs:
+            sweep.append(run_one(replace(arm, lr=lr, seed=0, out=str(runs / tag / f"lr{lr}_s0"))))
+            print(f"[{time.time() - started:6.0f}s] {name} lr {lr:g}: "
+                  f"val {sweep[-1]['val_loss']:.4f}", flush=True)
+        best = min(sweep, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else 1e9)
+        seeded = [best] + [
+            run_one(replace(arm, lr=best["lr"], seed=s,
+                            out=str(runs / tag / f"lr{best['lr']}_s{s}")))
+            for s in range(1, seeds)]
+        finals = [r["val_loss"] for r in seeded]
+        print(f"[{time.time() - started:6.0f}s] {name}: best lr {best['lr']:g}, "
+              f"val {statistics.mean(finals):.4f} over {seeds} seeds", flush=True)
+        results[name] = dict(optimizer=kind, rank_fraction=rf, sweep=sweep, seeds=seeded,
+                             best_lr=best["lr"], adam_lr=adam_lr if kind != "adamw" else None,
+                             at_edge=best["lr"] in (lrs[0], lrs[-1]))
+        if kind == "adamw":
+            adam_lr = best["lr"]
+
+    # The target is the worst arm's mean final loss, so every arm's time to it is defined.
+    means = {n: statistics.mean(r["val_loss"] for r in a["seeds"]) for n, a in results.items()}
+    target = max(means.values())
+    for a in results.values():
+        a["steps_to_target"] = [steps_to(r["curve"], target) for r in a["seeds"]]
+    elapsed = time.time() - started
+    command = "python benchmarks/convergence.py" + (" " + shlex.join(argv or sys.argv[1:])
+                                                    if (argv or sys.argv[1:]) else "")
+    write_report(out, results, base, seeds, target, data.unigram_loss(), elapsed, command)
+    print(f"wrote {out / 'convergence.md'} and {out / 'convergence.png'} in {elapsed:.0f} s")
+
+
+def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target: float,
+                 unigram: float, elapsed: float, command: str) -> None:
+    (out / "convergence.json").write_text(json.dumps(dict(
+        config=asdict(base), seeds=seeds, target=target, unigram=unigram, arms=results),
+        indent=1))
+    lines = [
+        "# Convergence: AdamW, Muon, Dion on character-level Shakespeare", "",
+        f"Command: `{command}` ({elapsed / 60:.1f} min on the shared 2-core CPU, one process, "
+        f"{torch.get_num_threads()} thread).", "",
+        f"Model: GPT, {base.n_layer} layers, d_model {base.d_model}, {base.n_head} heads, "
+        f"context {base.seq_len}; batch {base.batch} sequences ({base.batch * base.seq_len} "
+        f"characters) per step, {base.steps} steps, warmup {base.warmup}, {base.decay} decay to "
+        f"{base.min_lr_ratio} of the peak lr, weight decay {base.weight_decay}, AdamW betas "
+        f"(0.9, 0.95). Validation loss on {base.eval_batches} fixed batches of the held-out "
+        f"split (nats/char; unigram baseline {unigram:.3f}), every {base.eval_interval} steps.", "",
+        "Protocol: each arm sweeps its lr with seed 0 and keeps the lowest final validation loss; "
+        f"that lr is rerun with seeds 1..{seeds - 1} (seed sets initial weights, batch order and "
+        "Dion's sketches). AdamW is swept first and its best lr becomes the AdamW lr of the "
+        "embeddings, head and norms in the Muon and Dion arms. Muon is torch.optim.Muon "
+        "(Newton-Schulz, default lr adjustment); Dion uses the spectral scale sqrt(m/n). "
+        f"Target loss for 'steps to target' = the worst arm's mean final loss, {target:.3f}.", "",
+        "| arm | best lr | final val loss (mean ± std) | steps to target (mean) | "
+        "lr sweep (lr: final loss, seed 0) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, a in results.items():
+        finals = [r["val_loss"] for r in a["seeds"]]
+        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        st = [s for s in a["steps_to_target"] if not math.isnan(s)]
+        reach = fmt(statistics.mean(st), ".0f") if st else "-"
+        if len(st) < len(finals):
+            reach += f" ({len(st)}/{len(finals)} seeds)"
+        sweep = ", ".join(f"{r['lr']:g}: {fmt(r['val_loss'])}" for r in a["sweep"])
+        edge = " (grid edge)" if a["at_edge"] else ""
+        lines.append(f"| {name} | {a['best_lr']:g}{edge} | {statistics.mean(finals):.4f} ± "
+                     f"{std:.4f} | {reach} | {sweep} |")
+    lines += ["", "![validation loss curves](convergence.png)", ""]
+    (out / "convergence.md").write_text("\n".join(lines))
+    plot(out / "convergence.png", results, target)
+
+
+def plot(path: Path, results: dict, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, arm in results.items():
+        curves = [r["curve"] for r in arm["seeds"]]
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+        line, = a.plot(steps, mean, label=f"{name} (lr {arm['best_lr']:g})")
+        if len(curves) > 1:
+            lo = [min(c[i][1] for c in curves) for i in range(len(steps))]
+            hi = [max(c[i][1] for c in curves) for i in range(len(steps))]
+            a.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+        sweep = sorted((r["lr"], r["val_loss"]) for r in arm["sweep"])
+        b.plot([x for x, _ in sweep], [y for _, y in sweep], "o-", label=name)
+    a.axhline(target, color="gray", ls=":", lw=1, label="target")
+    a.set_xlabel("step")
+    a.set_ylabel("validation loss (nats/char)")
+    a.set_title("best lr, mean over seeds (band: min-max)")
+    finals = [r["val_loss"] for arm in results.values() for r in arm["seeds"]]
+    a.set_ylim(min(finals) - 0.05, min(finals) + 1.2)
+    a.legend(fontsize=8)
+    b.set_xscale("log")
+    b.set_xlabel("peak learning rate (matrices; all parameters for AdamW)")
+    b.set_ylabel("final validation loss, seed 0")
+    b.set_title("learning-rate sweeps")
+    b.set_ylim(min(finals) - 0.05, min(finals) + 1.2)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
