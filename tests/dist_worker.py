@@ -29,7 +29,8 @@ GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (DESIG
 
 
 class Net(nn.Module):
-    """Tall, wide and square matrices whose dims do not divide by 4."""
+    """Tall, wide and square matrices whose dims do not divide by 4; w6 has 3 rows, so 4-way
+    sharding of its rows leaves one rank an empty shard."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,13 +40,15 @@ class Net(nn.Module):
         self.w3 = nn.Linear(64, 64, bias=False)   # square
         self.w4 = nn.Linear(64, 70, bias=False)   # 70 x 64, tall
         self.w5 = nn.Linear(70, 30, bias=False)   # 30 x 70, wide
+        self.w6 = nn.Linear(30, 3, bias=False)    # 3 x 30, a side head on the input
 
     def forward(self, x):
         h = torch.tanh(self.w1(x))
         h = self.norm(self.w2(h))
         h = torch.tanh(self.w3(h))
         h = torch.tanh(self.w4(h))
-        return self.w5(h)
+        # w6 sits beside the stack so it does not cap the rank of w5's gradient at 3.
+        return torch.cat([self.w5(h), self.w6(x)], dim=-1)
 
 
 def make_net() -> Net:
@@ -55,7 +58,7 @@ def make_net() -> Net:
 
 def batches():
     gen = torch.Generator().manual_seed(99)
-    target = torch.randn(30, 30, generator=gen)
+    target = torch.randn(30, 33, generator=gen)
     for _ in range(STEPS):
         x = torch.randn(GLOBAL_BATCH, 30, generator=gen)
         yield x, torch.tanh(x @ target)
@@ -63,6 +66,9 @@ def batches():
 
 def make_opt(model, rank_fraction, method, **kw):
     groups = torchdion.param_groups(model, dion=dict(rank_fraction=rank_fraction))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        g["param_names"] = [names[id(p)] for p in g["params"]]
     return torchdion.Dion(groups, lr=0.05, orthonormalize=method, weight_decay=0.01, **kw)
 
 
@@ -106,7 +112,7 @@ def ddp_full(world, rank):
 def fsdp(world, rank):
     mesh = init_device_mesh("cpu", (world,))
     model = make_net()
-    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5", "w6"):
         fully_shard(getattr(model, name), mesh=mesh)
     fully_shard(model, mesh=mesh)
     share = GLOBAL_BATCH // world
@@ -132,7 +138,7 @@ def tp(world, rank):
 def hsdp(world, rank):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
     model = make_net()
-    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5", "w6"):
         fully_shard(getattr(model, name), mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])
     share = GLOBAL_BATCH // world
@@ -148,7 +154,7 @@ def fsdp_tp(world, rank):
         tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
         return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
 
-    for name in ("w1", "w2", "norm", "w3", "w4", "w5"):
+    for name in ("w1", "w2", "norm", "w3", "w4", "w5", "w6"):
         fully_shard(getattr(model, name), mesh=mesh["dp"], shard_placement_fn=other_dim)
     fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
     dp_rank = mesh["dp"].get_local_rank()
@@ -233,16 +239,79 @@ def run_scenario(name, build, world, rank, rank_fraction, method, ref):
             dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=replica)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=replica)
             identical &= bool(torch.equal(lo, hi))
+    averaged_identical = None
+    if replica is not None:
+        # Checkpoint consistency: after averaging, every replica holds the same momentum.
+        opt.average_replica_state()
+        averaged_identical = True
+        for p in model.parameters():
+            if "momentum" in opt.state[p]:
+                t = (opt.state[p]["momentum"].to_local() if isinstance(p, DTensor)
+                     else opt.state[p]["momentum"])
+                lo, hi = t.clone(), t.clone()
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=replica)
+                dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=replica)
+                averaged_identical &= bool(torch.equal(lo, hi))
     expected = expected_elements(model, opt, rank_fraction, method, world)
     measured = {k: v["elements"] for k, v in per_step[-1]["by_kind"].items()}
     return dict(
         name=name, world=world, rank=rank, rank_fraction=rank_fraction, method=method,
         param_err=max(errs.values()), momentum_err=max(mom_errs.values()),
-        replicas_identical=identical, expected_elements=expected, measured_elements=measured,
+        replicas_identical=identical, averaged_identical=averaged_identical,
+        expected_elements=expected, measured_elements=measured,
         largest_fraction=max(s["largest_matrix_fraction"] for s in per_step),
         bytes=per_step[-1]["bytes"], collectives=per_step[-1]["collectives"],
         nonfinite_skips=opt.nonfinite_skips,
     )
+
+
+class TwoNets(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = make_net(), make_net()
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def collectives_per_step(model) -> int:
+    opt = make_opt(model, 0.25, "randomized", replicate_group=dist.group.WORLD)
+    x, y = next(batches())
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    return opt.comm_stats()["collectives"]
+
+
+def expect_error(fn) -> str:
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def extra_checks(world, rank) -> dict:
+    """Checks that need processes but not the reference run."""
+    out = {"name": "extra", "world": world, "rank": rank}
+    # Bucketing: twice the matrices, the same number of collectives.
+    out["collectives"] = collectives_per_step(make_net())
+    out["collectives_double"] = collectives_per_step(TwoNets())
+
+    # Replicas that start apart are refused.
+    model = make_net()
+    if rank == 1:
+        with torch.no_grad():
+            model.w3.weight.add_(1e-3)
+    out["replica_error"] = expect_error(
+        lambda: make_opt(model, 0.25, "randomized", replicate_group=dist.group.WORLD))
+
+    if world == 4:
+        # FSDP and TP both sharding dim 0 give a _StridedShard: refused, naming the parameter.
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        model = parallelize_module(make_net(), mesh["tp"], tp_plan())
+        fully_shard(model, mesh=mesh["dp"])
+        out["placement_error"] = expect_error(lambda: make_opt(model, 0.25, "randomized"))
+    return out
 
 
 def main() -> None:
@@ -261,6 +330,7 @@ def main() -> None:
         ref = reference(rank_fraction, method)
         for name, build in LAYOUTS[world].items():
             results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref))
+    results.append(extra_checks(world, rank))
     with open(out, "w") as f:
         json.dump(results, f)
     dist.barrier()

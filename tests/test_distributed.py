@@ -70,6 +70,7 @@ def test_mean_momentum_equals_single_process(results, world, name):
 def test_replicas_bitwise_identical(results, world, name):
     for r in scenarios(results, world=world, name=name):
         assert r["replicas_identical"], r
+        assert r["averaged_identical"], r  # after average_replica_state, momenta too
 
 
 @pytest.mark.parametrize("world,name", LAYOUTS)
@@ -93,3 +94,21 @@ def test_no_collective_carries_a_full_matrix(results, world, name):
     for r in scenarios(results, world=world, name=name):
         if r["rank_fraction"] <= 0.5:
             assert 0 < r["largest_fraction"] < 1, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_do_not_grow_with_matrices(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        assert r["collectives"] == r["collectives_double"] > 0, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicas_with_different_weights_are_refused(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        assert "replicate_group" in r["replica_error"] and "w3.weight" in r["replica_error"], r
+
+
+def test_unsupported_placement_names_parameter_and_fix(results):
+    for r in scenarios(results, world=4, name="extra"):
+        msg = r["placement_error"]
+        assert "w1.weight" in msg and "_StridedShard" in msg and "Shard(1)" in msg, msg

@@ -182,15 +182,16 @@ class Dion(Optimizer):
                 f"{sorted(self.defaults)}"
             )
         merged = {**self.defaults, **param_group}
-        index = len(self.param_groups)
-        validate_hyperparameters(merged, where=f"param_groups[{index}].")
-        if merged["algorithm"] == "dion":
-            params = param_group["params"]
-            params = [params] if isinstance(params, Tensor) else list(params)
-            for i, p in enumerate(params):
-                matrix_shape(tuple(p.shape), merged["flatten"],
-                             f"param_groups[{index}]['params'][{i}]")
+        validate_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}].")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["algorithm"] == "dion":
+            try:
+                for p in group["params"]:  # shapes and placements fail here, not mid-step
+                    self.layout(p, group)
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """Where the Dion parameter ``p`` lives: shape, orientation, local block, groups.
@@ -209,9 +210,12 @@ class Dion(Optimizer):
         return lay
 
     def _name(self, p: Tensor) -> str:
+        """The parameter's name for messages: its ``param_names`` entry when groups carry them."""
         for gi, group in enumerate(self.param_groups):
             for i, q in enumerate(group["params"]):
                 if q is p:
+                    if "param_names" in group:
+                        return f"{group['param_names'][i]!r} (shape {tuple(p.shape)})"
                     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
         return f"parameter of shape {tuple(p.shape)}"
 
