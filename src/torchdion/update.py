@@ -46,20 +46,120 @@ def initial_q(b: int, r: int, seed: int, index: int, dtype: torch.dtype) -> Tens
     return (Q / Q.norm(dim=0, keepdim=True)).to(dtype)
 
 
+class Workspace:
+    """Storage for the stacked B = M + G of every batch, kept from one step to the next.
+
+    A fresh (batch, a, b) tensor is zero-filled by the kernel page by page on first touch; on CPU
+    that cost as much as the add that fills it. ``begin()`` starts a step; ``take`` hands out
+    views of one flat buffer per (dtype, device), sized by what the previous step took.
+    """
+
+    _ALIGN = 16  # elements: keeps every view 64-byte aligned for the fp32 gemm kernels
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._used: dict[tuple[torch.dtype, torch.device], int] = {}
+        self._last: dict[tuple[torch.dtype, torch.device], int] = {}
+
+    def begin(self) -> None:
+        self._last, self._used = self._used, {}
+        for key in [k for k, flat in self._flat.items() if flat.numel() < self._last.get(k, 0)]:
+            del self._flat[key]
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        key = (dtype, torch.device(device))
+        n = math.prod(shape)
+        start = self._used.get(key, 0)
+        self._used[key] = start + -(-n // self._ALIGN) * self._ALIGN
+        flat = self._flat.get(key)
+        if flat is None and start + n <= self._last.get(key, 0):
+            flat = self._flat[key] = torch.empty(self._last[key], dtype=dtype, device=device)
+        if flat is None or start + n > flat.numel():
+            return torch.empty(shape, dtype=dtype, device=device)
+        return flat[start:start + n].view(shape)
+
+
+def accumulate(momenta: list[Tensor], grads: list[Tensor], dtype: torch.dtype,
+               out: Tensor | None = None) -> Tensor:
+    """B = M + G for a batch, stacked into ``out`` (batch, *shape) in the compute ``dtype``.
+
+    One pass over M and G, where stacking both then adding reads and writes everything twice.
+    Mixed dtypes take the slow path so that the rounding is that of M.to(dtype) + G.
+    """
+    if out is None:
+        out = torch.empty((len(momenta), *momenta[0].shape), dtype=dtype,
+                          device=momenta[0].device)
+    for o, m, g in zip(out, momenta, grads, strict=True):
+        if m.dtype == dtype and g.dtype == dtype:
+            torch.add(m, g, out=o)
+        else:
+            o.copy_(m).add_(g)
+    return out
+
+
+def _contiguous_orientation(t: Tensor) -> bool | None:
+    """False: ``t`` is contiguous; True: ``t.mT`` is; None: neither."""
+    if t.is_contiguous():
+        return False
+    if t.mT.is_contiguous():
+        return True
+    return None
+
+
 @dataclass
 class DionStep:
     """What one Dion step produced for a batch of matrices (canonical orientation).
 
     The weight update direction is ``P @ Q.mT``. ``ok`` is False where a non-finite value appeared;
     such entries must not be written. ``moved`` is False where B Q vanished (all-zero momentum):
-    P is zero there and Q is the old Q.
+    P is zero there and Q is the old Q. The new momentum B - (1 - mu) P_fb R_own^T is formed
+    only when written (:meth:`write_momentum`), straight into the state.
     """
 
     P: Tensor
     Q: Tensor
-    M: Tensor
     ok: Tensor
     moved: Tensor
+    B: Tensor
+    P_fb: Tensor
+    R_own: Tensor
+    mu: float
+
+    @property
+    def M(self) -> Tensor:
+        return torch.baddbmm(self.B, self.P_fb, self.R_own.mT, alpha=-(1 - self.mu))
+
+    def write_momentum(self, i: int, out: Tensor) -> None:
+        """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
+
+        Computed in whichever orientation ``out`` is stored in, so the gemm writes it in place
+        instead of into a temporary that is then copied.
+        """
+        alpha = -(1 - self.mu)
+        B, P, R = self.B[i], self.P_fb[i], self.R_own[i]
+        flip = _contiguous_orientation(out)
+        if out.dtype != B.dtype or flip is None:
+            out.copy_(torch.addmm(B, P, R.mT, alpha=alpha))
+        elif flip:
+            torch.addmm(B.mT, R, P.mT, alpha=alpha, out=out.mT)
+        else:
+            torch.addmm(B, P, R.mT, alpha=alpha, out=out)
+
+    def apply_update(self, i: int, A: Tensor, alpha: float, decay: float) -> None:
+        """A = decay * A + alpha * P Q^T for ``A`` a canonical view of the weight, in place.
+
+        One gemm with beta = decay replaces the scaling pass, the (a, b) product and the add.
+        """
+        P, Q = self.P[i], self.Q[i]
+        flip = _contiguous_orientation(A)
+        if A.dtype != P.dtype or flip is None:
+            if decay != 1:
+                A.mul_(decay)
+            A.add_(P @ Q.mT, alpha=alpha)
+        elif flip:
+            A.mT.addmm_(Q, P.mT, beta=decay, alpha=alpha)
+        else:
+            A.addmm_(P, Q.mT, beta=decay, alpha=alpha)
 
 
 def dion_update(
@@ -93,8 +193,8 @@ def dion_update(
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
     ok = torch.isfinite(P).flatten(1).all(1) & torch.isfinite(norm_sq).all(1)
     moved = norm_sq.sum(-1) > 0
-    keep = ~moved[:, None, None]
-    M = torch.baddbmm(B, P, R_own.mT, alpha=-(1 - mu))
-    return DionStep(
-        P=torch.where(keep, 0.0, P), Q=torch.where(keep, Q_old, Q), M=M, ok=ok, moved=moved
-    )
+    P_out, Q_out = P, Q
+    if not bool(moved.all()):
+        keep = ~moved[:, None, None]
+        P_out, Q_out = torch.where(keep, 0.0, P), torch.where(keep, Q_old, Q)
+    return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu)
