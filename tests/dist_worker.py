@@ -4,7 +4,7 @@ Every rank also runs the single-process optimizer on the global batch itself, so
 compares the distributed run with the one-device run inside the same process. Results go to a
 JSON file per rank; the pytest side asserts on them.
 
-usage: python dist_worker.py RANK WORLD STORE_FILE OUT_FILE
+usage: python dist_worker.py RANK WORLD STORE_FILE OUT_FILE CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -56,12 +58,13 @@ def make_net() -> Net:
     return Net()
 
 
-def batches():
+def batches(start=0, stop=STEPS):
     gen = torch.Generator().manual_seed(99)
     target = torch.randn(30, 33, generator=gen)
-    for _ in range(STEPS):
+    for i in range(stop):
         x = torch.randn(GLOBAL_BATCH, 30, generator=gen)
-        yield x, torch.tanh(x @ target)
+        if i >= start:
+            yield x, torch.tanh(x @ target)
 
 
 def make_opt(model, rank_fraction, method, **kw):
@@ -314,8 +317,44 @@ def extra_checks(world, rank) -> dict:
     return out
 
 
+CUT = STEPS // 2  # checkpoints are taken after this many steps
+
+
+def train(model, opt, rows, start, stop):
+    for x, y in batches(start, stop):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+
+
+def save_checkpoint(world, rank, path):
+    """Compressed DDP for CUT steps, replicas averaged, saved with DCP."""
+    model, kw, rows = ddp(world, rank)
+    opt = make_opt(model, 0.25, "randomized", **kw)
+    train(model, opt, rows, 0, CUT)
+    opt.average_replica_state()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def resume_checkpoint(name, build, world, rank, path, ref):
+    """Load the checkpoint into another layout and world size; finish the run; compare."""
+    model, kw, rows = build(world, rank)
+    opt = make_opt(model, 0.25, "randomized", **kw)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, rows, CUT, STEPS)
+    ref_params, _ = ref
+    err = max(rel_err(full(p.detach()), ref_params[n.removeprefix("module.")])
+              for n, p in model.named_parameters())
+    return {"name": f"resume_{name}", "world": world, "rank": rank, "param_err": err}
+
+
 def main() -> None:
-    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, store, out, ckpt = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                                     sys.argv[4], sys.argv[5])
     torch.set_num_threads(1)
     # float64: at full rank the orthonormalized direction is as ill-conditioned as the momentum,
     # so fp32 reassociation alone moves it by ~1e-2; in fp64 any real difference stands out.
@@ -331,6 +370,12 @@ def main() -> None:
         for name, build in LAYOUTS[world].items():
             results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref))
     results.append(extra_checks(world, rank))
+    if world == 4:
+        save_checkpoint(world, rank, ckpt)
+    else:
+        ref = reference(0.25, "randomized")
+        for name, build in LAYOUTS[world].items():
+            results.append(resume_checkpoint(name, build, world, rank, ckpt, ref))
     with open(out, "w") as f:
         json.dump(results, f)
     dist.barrier()

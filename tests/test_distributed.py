@@ -21,10 +21,11 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 def launch(world: int, tmp: Path) -> list[dict]:
     store = tmp / f"store{world}"
+    ckpt = tmp / "ckpt_ddp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(store),
-                          str(tmp / f"out{world}_{r}.json")], env=env,
+                          str(tmp / f"out{world}_{r}.json"), str(ckpt)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)
     ]
@@ -40,11 +41,14 @@ def launch(world: int, tmp: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("dist")
-    return launch(2, tmp) + launch(4, tmp)
+    # world 4 saves a checkpoint that world 2 (and this process) then load
+    results = launch(4, tmp) + launch(2, tmp)
+    results.append({"name": "checkpoint_dir", "path": str(tmp / "ckpt_ddp4")})
+    return results
 
 
 def scenarios(results, **match):
-    rows = [r for r in results if all(r[k] == v for k, v in match.items())]
+    rows = [r for r in results if all(r.get(k) == v for k, v in match.items())]
     assert rows, f"no scenario matched {match}"
     return rows
 
@@ -112,3 +116,33 @@ def test_unsupported_placement_names_parameter_and_fix(results):
     for r in scenarios(results, world=4, name="extra"):
         msg = r["placement_error"]
         assert "w1.weight" in msg and "_StridedShard" in msg and "Shard(1)" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_full", "fsdp", "tp"])
+def test_checkpoint_moves_between_layouts_and_world_sizes(results, name):
+    # saved by compressed DDP on 4 processes, resumed here on 2 in another layout
+    for r in scenarios(results, world=2, name=f"resume_{name}"):
+        assert r["param_err"] < 1e-10, r
+
+
+def test_checkpoint_loads_in_a_single_process(results):
+    import dist_worker as w
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref_params, _ = w.reference(0.25, "randomized")
+        model = w.make_net()
+        opt = w.make_opt(model, 0.25, "randomized")
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=scenarios(results, name="checkpoint_dir")[0]["path"])
+        set_state_dict(model, opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        w.train(model, opt, slice(None), w.CUT, w.STEPS)
+        for n, p in model.named_parameters():
+            assert w.rel_err(p.detach(), ref_params[n]) < 1e-10, n
+    finally:
+        torch.set_default_dtype(torch.float32)

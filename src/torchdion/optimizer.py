@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from . import elementwise
 from .comm import Comm, group_size
-from .layout import Layout, layout_of, local_tensor, matrix_shape, q_state
+from .layout import Layout, layout_of, local_tensor, q_state
 from .orthogonalize import METHODS, sketch_matrix, sketch_rows
 from .reduce import run_lockstep
 from .update import (
@@ -289,8 +289,13 @@ class Dion(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts floating state to the parameter's dtype on load; put back ``state_dtype``
-        (exact: the saved values were of that dtype)."""
+        """Load a state dict; shapes are checked first, so a mismatch changes nothing.
+
+        Q's rank must match: a checkpoint saved with another ``rank_fraction`` (or
+        ``rank_multiple_of``) raises ValueError rather than being silently reshaped. torch casts
+        floating state to the parameter's dtype on load; ``state_dtype`` is put back (exact: the
+        saved values were of that dtype)."""
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             dtype = group["state_dtype"]
@@ -301,6 +306,33 @@ class Dion(Optimizer):
                 for key, value in state.items():
                     if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
                         state[key] = value.to(dtype)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this "
+                             f"optimizer has {len(self.param_groups)}")
+        saved_state = state_dict.get("state", {})
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} "
+                                 f"parameters, this optimizer's has {len(group['params'])}")
+            for key, p in zip(saved["params"], group["params"]):
+                state = saved_state.get(key, {})
+                for name in ("momentum", "exp_avg", "exp_avg_sq"):
+                    if name in state and tuple(state[name].shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"state_dict {name} of parameter {self._name(p)} has shape "
+                            f"{tuple(state[name].shape)}, expected {tuple(p.shape)}")
+                if "Q" in state and group["algorithm"] == "dion":
+                    lay = self.layout(p, group)
+                    r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
+                    if tuple(state["Q"].shape) != (lay.b, r):
+                        raise ValueError(
+                            f"state_dict Q of parameter {self._name(p)} has shape "
+                            f"{tuple(state['Q'].shape)}, expected {(lay.b, r)}: the checkpoint "
+                            "was saved with another rank_fraction / rank_multiple_of; load it "
+                            "with the same ones")
 
     # ----------------------------------------------------------------- the step
 
