@@ -69,6 +69,10 @@ def latest(directory: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
 def load(path: Path, model, optimizers) -> tuple[dict, object]:
     """Load into ``model`` and ``optimizers`` in place; returns (meta, this process's extra)."""
     path = Path(path)
@@ -78,7 +82,7 @@ def load(path: Path, model, optimizers) -> tuple[dict, object]:
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizers, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     extra_file = path / f"extra_rank{_rank()}.pt"
     extra = torch.load(extra_file, weights_only=False) if extra_file.is_file() else None
     return meta, extra

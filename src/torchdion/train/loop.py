@@ -139,14 +139,16 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         path = ckpt.latest(ckpt_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
+        written_by = ckpt.read_meta(path)["world"]
+        if written_by != world:  # per-process extras and the batch split assume the same world
+            raise ValueError(f"{path} was written by {written_by} processes, not {world}")
         meta, extra = ckpt.load(path, net, setup.optimizers)
-        if meta["world"] != world:
-            raise ValueError(f"checkpoint was written by {meta['world']} processes, not {world}")
         start, tokens, train_time = meta["step"], meta["tokens"], meta["train_time"]
         sent, full_sent = meta["bytes"], meta["full_bytes"]
         if extra is not None and setup.powersgd is not None:
             setup.powersgd.__setstate__(extra["powersgd"])
-        if metrics_path.is_file():  # drop what the interrupted run logged after the checkpoint
+        # Drop what the interrupted run logged after its checkpoint.
+        if rank == 0 and metrics_path.is_file():
             records = [r for r in map(json.loads, metrics_path.read_text().splitlines())
                        if r["step"] <= start]
     if rank == 0:
