@@ -308,6 +308,31 @@ def extra_checks(world, rank) -> dict:
     out["replica_error"] = expect_error(
         lambda: make_opt(model, 0.25, "randomized", replicate_group=dist.group.WORLD))
 
+    # A non-finite gradient on one replica only: every replica skips the same parameters.
+    model, kw, rows = ddp(world, rank)
+    opt = make_opt(model, 0.25, "randomized", **kw)
+    train(model, opt, rows, 0, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = next(batches(1, 2))
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+    if rank == 1:
+        model.w3.weight.grad[0, 0] = float("nan")
+        model.norm.weight.grad[0] = float("inf")
+    opt.step()
+    out["nonfinite_skips"] = opt.nonfinite_skips
+    out["nonfinite_unchanged"] = [n for n, p in model.named_parameters()
+                                  if torch.equal(p.detach(), before[n])]
+    out["nonfinite_all_finite"] = all(bool(p.isfinite().all()) for p in model.parameters()) and all(
+        bool(t.isfinite().all()) for st in opt.state.values() for t in st.values()
+        if isinstance(t, torch.Tensor))
+    out["nonfinite_identical"] = True
+    for p in model.parameters():
+        lo, hi = p.detach().clone(), p.detach().clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        out["nonfinite_identical"] &= bool(torch.equal(lo, hi))
+
     if world == 4:
         # FSDP and TP both sharding dim 0 give a _StridedShard: refused, naming the parameter.
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))

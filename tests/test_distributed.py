@@ -146,3 +146,11 @@ def test_checkpoint_loads_in_a_single_process(results):
             assert w.rel_err(p.detach(), ref_params[n]) < 1e-10, n
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nonfinite_gradient_on_one_replica_is_skipped_by_all(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        assert r["nonfinite_skips"] == 2, r
+        assert sorted(r["nonfinite_unchanged"]) == ["norm.weight", "w3.weight"], r
+        assert r["nonfinite_all_finite"] and r["nonfinite_identical"], r
