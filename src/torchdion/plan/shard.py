@@ -1,0 +1,140 @@
+"""Where a parameter's pieces sit on one rank of a DP x FSDP x TP mesh, from shapes alone.
+
+The planner's mirror of :func:`torchdion.layout.layout_of`: the same torch.chunk splits and the
+same rule for which matrix axis (rows = the long side, columns = the short side) each mesh
+dimension shards, so the element counts below are the ones the optimizer's ledger measures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..layout import _chunk
+
+AXES = ("dp", "fsdp", "tp")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor as the planner sees it.
+
+    ``matrix``: trained by Dion / Muon (else element-wise AdamW). ``tp_dim``: the dim tensor
+    parallelism shards (0 for column-parallel linears and vocab-parallel embeddings, 1 for
+    row-parallel linears, None when replicated over TP). Under TP, FSDP shards the other dim
+    of a matrix that TP shards on dim 0 (Dion needs each matrix dim sharded by at most one mesh
+    dim), and dim 0 otherwise. ``itemsize``: bytes per element of the parameter and its gradient.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    matrix: bool
+    tp_dim: int | None = None
+    itemsize: int = 4
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(m, n) = (fan_out, fan_in); a >2-D tensor is (out, in * prod(kernel))."""
+        return self.shape[0], math.prod(self.shape[1:])
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """A DP x FSDP x TP mesh. Ranks are numbered with TP innermost, then FSDP, then DP:
+    rank = (dp_index * fsdp + fsdp_index) * tp + tp_index, so a TP group is ``tp`` consecutive
+    ranks (one node when tp <= GPUs per node) and an FSDP group spans fsdp * tp of them."""
+
+    dp: int = 1
+    fsdp: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for axis in AXES:
+            size = getattr(self, axis)
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{axis} must be an int >= 1, got {size!r}")
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.fsdp * self.tp
+
+    def size(self, axis: str) -> int:
+        return getattr(self, axis)
+
+    def span(self, axis: str) -> int:
+        """How many consecutive ranks one group of ``axis`` covers (its ranks' spread)."""
+        return {"tp": self.tp, "fsdp": self.tp * self.fsdp, "dp": self.world}[axis]
+
+    def coords(self, rank: int) -> dict[str, int]:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank must be in [0, {self.world}), got {rank}")
+        return {"dp": rank // (self.fsdp * self.tp), "fsdp": rank // self.tp % self.fsdp,
+                "tp": rank % self.tp}
+
+    def __str__(self) -> str:
+        parts = [f"{axis.upper()}{self.size(axis)}" for axis in AXES if self.size(axis) > 1]
+        return " x ".join(parts) or "1 GPU"
+
+
+def _piece(size: int, parts: int, index: int) -> int:
+    start, stop = _chunk(size, parts, index)
+    return stop - start
+
+
+def dim_axes(p: Param, par: Parallelism) -> dict[int, list[str]]:
+    """Mesh axes sharding each dim of ``p`` (TP first: FSDP shards what TP leaves locally).
+
+    FSDP takes dim 1 of a matrix that TP shards on dim 0, else dim 0."""
+    out: dict[int, list[str]] = {}
+    tp_dim = p.tp_dim if par.tp > 1 else None
+    if tp_dim is not None:
+        out.setdefault(tp_dim, []).append("tp")
+    if par.fsdp > 1:
+        out.setdefault(1 if tp_dim == 0 and len(p.shape) == 2 else 0, []).append("fsdp")
+    return out
+
+
+def local_shape(p: Param, par: Parallelism, coords: dict[str, int],
+                unsharded: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """This rank's block of ``p``; axes in ``unsharded`` count as gathered."""
+    shape = list(p.shape)
+    for dim, axes in dim_axes(p, par).items():
+        for axis in axes:
+            if axis not in unsharded:
+                shape[dim] = _piece(shape[dim], par.size(axis), coords[axis])
+    return tuple(shape)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A matrix in the canonical orientation (a, b), a >= b, and this rank's block of it.
+    ``row_axis`` / ``col_axis``: the mesh axis sharding a / b, or None."""
+
+    a: int
+    b: int
+    a_loc: int
+    b_loc: int
+    row_axis: str | None
+    col_axis: str | None
+
+
+def canonical_block(p: Param, par: Parallelism, coords: dict[str, int]) -> Block:
+    m, n = p.matrix_shape
+    axes = dim_axes(p, par)
+    if len(p.shape) > 2 and 1 in axes:
+        raise ValueError(f"{p.name}: a >2-D parameter can only be sharded on dim 0")
+    if any(len(a) > 1 for a in axes.values()):
+        raise ValueError(f"{p.name}: TP and FSDP both shard dim {p.tp_dim}; Dion needs one "
+                         "mesh axis per matrix dim")
+    local = local_shape(p, par, coords)
+    m_loc, n_loc = local[0], math.prod(local[1:])
+    row_dim = 0 if m >= n else 1
+    row = axes.get(row_dim, [None])[0]
+    col = axes.get(1 - row_dim, [None])[0]
+    if m >= n:
+        return Block(m, n, m_loc, n_loc, row, col)
+    return Block(n, m, n_loc, m_loc, row, col)
