@@ -92,7 +92,7 @@ def test_chunks_follow_torch_chunk():
     # Over FSDP 4: 70 rows split 18, 18, 18, 16; 3 rows split 1, 1, 1, 0 (an empty shard).
     params = [Param("w", (70, 30), True), Param("h", (3, 30), True)]
     par = Parallelism(dp=2, fsdp=4)
-    cfg = DionConfig(0.25, method="qr")  # r = 8 for w, 1 for h
+    cfg = DionConfig(0.25, method="cholesky")  # r = 8 for w, 1 for h
     ps = [ledger(dion_collectives(params, par, cfg, rank))["by_kind"] for rank in range(4)]
     # w: rows over FSDP, P over replicas (a_loc r), R over rows and replicas (b r each);
     # h (canonical 30 x 3): columns over FSDP, P over columns and replicas, R over replicas

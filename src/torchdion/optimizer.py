@@ -47,7 +47,10 @@ def validate_hyperparameters(group: dict[str, Any], where: str = "") -> None:
     """Raise ValueError naming the first invalid hyperparameter of a group or of the defaults."""
     p = f"{where}" if where else ""
     lr = group["lr"]
-    _check(p + "lr", (_is_number(lr) or isinstance(lr, Tensor)) and float(lr) >= 0,
+    # float() of a tensor of several elements raises, and an infinite one is no learning rate
+    tensor_lr = (isinstance(lr, Tensor) and lr.numel() == 1 and lr.dtype != torch.bool
+                 and not lr.is_complex() and math.isfinite(float(lr)))
+    _check(p + "lr", (_is_number(lr) or tensor_lr) and float(lr) >= 0,
            "a finite number >= 0", lr)
     _check(p + "mu", _is_number(group["mu"]) and 0 <= group["mu"] < 1, "in [0, 1)", group["mu"])
     rf = group["rank_fraction"]
@@ -185,13 +188,19 @@ class Dion(Optimizer):
         validate_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}].")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["algorithm"] == "dion":
-            try:
+        try:
+            # torch only warns; a repeated parameter would be stepped twice per step
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError(f"param_groups[{len(self.param_groups) - 1}].params lists a "
+                                 "parameter more than once")
+            if group["algorithm"] == "dion":
                 for p in group["params"]:  # shapes and placements fail here, not mid-step
                     self.layout(p, group)
-            except ValueError:
-                self.param_groups.pop()
-                raise
+        except ValueError:
+            self.param_groups.pop()
+            for p in group["params"]:  # a failed add leaves no cached layout behind
+                self._layouts.pop(p, None)
+            raise
 
     def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """Where the Dion parameter ``p`` lives: shape, orientation, local block, groups.
@@ -206,6 +215,11 @@ class Dion(Optimizer):
             r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
             if replica is not None and (lay.a + lay.b) * r >= lay.a * lay.b:
                 lay = layout_of(p, group["flatten"], self._name(p), None)
+            if group["orthonormalize"] == "qr" and group_size(lay.groups.get("row")) > 1:
+                raise ValueError(
+                    f"orthonormalize='qr' needs all rows of a matrix on one process, but "
+                    f"{self._name(p)} has its rows sharded; use 'randomized' or 'cholesky', "
+                    "whose only row sums are small (k x r and r x r) reductions")
             self._layouts[p] = lay
         return lay
 
@@ -317,6 +331,12 @@ class Dion(Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} "
                                  f"parameters, this optimizer's has {len(group['params'])}")
+            # torch would load these with the other hyperparameters, and the state would then
+            # not be the state of the algorithm that steps it
+            for name in ("algorithm", "flatten"):
+                if name in saved and saved[name] != group[name]:
+                    raise ValueError(f"state_dict param_groups[{gi}] has {name}="
+                                     f"{saved[name]!r}, this optimizer's has {group[name]!r}")
             for key, p in zip(saved["params"], group["params"]):
                 state = saved_state.get(key, {})
                 for name in ("momentum", "exp_avg", "exp_avg_sq"):
