@@ -333,6 +333,9 @@ def extra_checks(world, rank) -> dict:
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         out["nonfinite_identical"] &= bool(torch.equal(lo, hi))
 
+    model, _, _ = fsdp(world, rank)
+    out["qr_error"] = expect_error(lambda: make_opt(model, 0.25, "qr"))
+
     if world == 4:
         # FSDP and TP both sharding dim 0 give a _StridedShard: refused, naming the parameter.
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))

@@ -154,3 +154,9 @@ def test_nonfinite_gradient_on_one_replica_is_skipped_by_all(results, world):
         assert r["nonfinite_skips"] == 2, r
         assert sorted(r["nonfinite_unchanged"]) == ["norm.weight", "w3.weight"], r
         assert r["nonfinite_all_finite"] and r["nonfinite_identical"], r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_qr_is_refused_on_sharded_rows(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        assert "orthonormalize='qr'" in r["qr_error"] and "w1.weight" in r["qr_error"], r
