@@ -267,9 +267,11 @@ class Dion(Optimizer):
         params = [local_tensor(p) for g in self.param_groups for p in g["params"]]
         if not params:
             return
+        # Fingerprints accumulated in fp64 without fp64 copies of large tensors (embeddings).
+        f64 = torch.float64
         prints = torch.stack([
-            torch.stack([t.double().sum(), t.double().square().sum(),
-                         (t.double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
+            torch.stack([t.sum(dtype=f64), (t * t).sum(dtype=f64),
+                         t.flatten()[::7].sum(dtype=f64), t.flatten()[1::11].sum(dtype=f64)])
             for t in params]).cpu()
         lo, hi = prints.clone(), prints.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.replicate_group)
