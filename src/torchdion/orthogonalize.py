@@ -36,14 +36,29 @@ def sketch_matrix(k: int, a: int, seed: int, step: int, device, dtype) -> Tensor
     return torch.randn(k, a, generator=gen, device=device, dtype=dtype) / math.sqrt(k)
 
 
+def _solve_upper_right(U: Tensor, P: Tensor, overwrite: bool) -> Tensor:
+    """P U^-1 for upper-triangular U.
+
+    LAPACK solves in place on a column-major right-hand side. Given one that may be overwritten
+    (dion_update builds P column-major), nothing is copied; otherwise torch first copies P, and
+    for a row-major P that copy is a transpose that cost more than the solve itself.
+    """
+    if overwrite and P.mT.is_contiguous():
+        return torch.linalg.solve_triangular(U, P, upper=True, left=False, out=P)
+    return torch.linalg.solve_triangular(U, P, upper=True, left=False)
+
+
 def _gram(P: Tensor) -> Generator[Reduce, Tensor, Tensor]:
     return (yield Reduce(P.mT @ P, ("row",), "gram"))
 
 
-def cholesky_qr(P: Tensor) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
+def cholesky_qr(
+    P: Tensor, overwrite: bool = False
+) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
     """P (L^T)^-1 with L L^T = P^T P. Returns (P, failed): ``failed`` flags batch entries whose Gram
     matrix was not numerically positive definite; those are factored with a small diagonal shift
-    (relative to the Gram's trace), which leaves exactly-zero columns at zero."""
+    (relative to the Gram's trace), which leaves exactly-zero columns at zero. ``overwrite``: P
+    may be used as the output's storage."""
     G = yield from _gram(P)
     L, info = torch.linalg.cholesky_ex(G)
     failed = info != 0
@@ -53,12 +68,11 @@ def cholesky_qr(P: Tensor) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
         shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
         eye = torch.eye(r, dtype=G.dtype, device=G.device)
         L = torch.linalg.cholesky_ex(G + shift[:, None, None] * eye).L
-    P = torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)
-    return P, failed
+    return _solve_upper_right(L.mT, P, overwrite), failed
 
 
 def randomized_qr(
-    P: Tensor, sketch: Tensor
+    P: Tensor, sketch: Tensor, overwrite: bool = False
 ) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
     """Sketched QR preconditioning then one Cholesky-QR pass.
 
@@ -71,14 +85,16 @@ def randomized_qr(
     d = R.diagonal(dim1=-2, dim2=-1)
     tiny = d.abs() <= torch.finfo(R.dtype).eps * d.abs().amax(-1, keepdim=True)
     R = R + torch.diag_embed(torch.where(tiny, 1.0 - d, torch.zeros_like(d)))
-    P = torch.linalg.solve_triangular(R, P, upper=True, left=False)
-    return (yield from cholesky_qr(P))
+    P = _solve_upper_right(R, P, overwrite)
+    return (yield from cholesky_qr(P, overwrite=True))
 
 
 def orthonormalize(
-    P: Tensor, method: str, sketch: Tensor | None = None
+    P: Tensor, method: str, sketch: Tensor | None = None, overwrite: bool = False
 ) -> Generator[Reduce, Tensor, Tensor]:
     """Orthonormal columns spanning P's columns, for each matrix of the batch.
+
+    ``overwrite``: P's storage may be reused for the result (it is, when P is column-major).
 
     "qr" needs all rows of P locally (Householder QR). "cholesky" falls back to "randomized" for
     the batch entries whose Gram matrix is not positive definite. Every rank sees the same reduced
@@ -90,8 +106,8 @@ def orthonormalize(
         Pc, failed = yield from cholesky_qr(P)
         if not failed.any():
             return Pc
-        Pr, _ = yield from randomized_qr(P, sketch)
+        Pr, _ = yield from randomized_qr(P, sketch, overwrite)
         return torch.where(failed[:, None, None], Pr, Pc)
     if method == "randomized":
-        return (yield from randomized_qr(P, sketch))[0]
+        return (yield from randomized_qr(P, sketch, overwrite))[0]
     raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")

@@ -97,6 +97,18 @@ def accumulate(momenta: list[Tensor], grads: list[Tensor], dtype: torch.dtype,
     return out
 
 
+def _all_finite(t: Tensor) -> Tensor:
+    """Per batch entry, whether every element is finite.
+
+    A sum is finite exactly when its terms are, unless it overflows; only then is the exact (and
+    several times slower) elementwise test run.
+    """
+    ok = torch.isfinite(t.sum(tuple(range(1, t.ndim))))
+    if not bool(ok.all()):
+        ok = torch.isfinite(t).flatten(1).all(1)
+    return ok
+
+
 def _contiguous_orientation(t: Tensor) -> bool | None:
     """False: ``t`` is contiguous; True: ``t.mT`` is; None: neither."""
     if t.is_contiguous():
@@ -185,13 +197,14 @@ def dion_update(
     """
     Q_old = Q
     for _ in range(power_iters):
-        P = yield Reduce(B @ Q, ("col", "replica"), "P")
-        P = yield from orthonormalize(P, method, sketch)
+        # (Q^T B^T)^T is B Q, stored column-major: the triangular solves then run in place.
+        P = yield Reduce((Q.mT @ B.mT).mT, ("col", "replica"), "P")
+        P = yield from orthonormalize(P, method, sketch, overwrite=True)
         R_own = yield Reduce(B.mT @ P, ("row",), "R")
         R = yield Reduce(R_own, ("replica",), "R")
         norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
-    ok = torch.isfinite(P).flatten(1).all(1) & torch.isfinite(norm_sq).all(1)
+    ok = _all_finite(P) & torch.isfinite(norm_sq).all(1)
     moved = norm_sq.sum(-1) > 0
     P_out, Q_out = P, Q
     if not bool(moved.all()):
