@@ -26,7 +26,8 @@ def param_groups(
     1. weights of ``nn.Embedding`` modules, and of ``head`` (the output projection; pass the module
        or its weight), go to the ``embedding`` group with the element-wise algorithm. A head tied
        to an embedding is the same tensor and is listed once;
-    2. other parameters with 2 dims (or more, with ``flatten=True``) go to the Dion group;
+    2. other non-empty parameters with 2 dims (or more, with ``flatten=True``) go to the Dion
+       group;
     3. everything else (norm weights, biases, scalars, >2-D tensors without flatten) goes to the
        ``other`` group with the element-wise algorithm.
 
@@ -54,7 +55,7 @@ def param_groups(
         seen.add(id(p))
         if id(p) in special:
             embeddings.append(p)
-        elif p.ndim == 2 or (p.ndim > 2 and flatten):
+        elif (p.ndim == 2 or (p.ndim > 2 and flatten)) and p.numel() > 0:
             matrices.append(p)
         else:
             rest.append(p)

@@ -13,6 +13,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 def matrix_shape(shape: tuple[int, ...], flatten: bool, name: str) -> tuple[int, int]:
     """The (m, n) = (fan_out, fan_in) matrix a Dion parameter is treated as."""
+    if len(shape) >= 2 and 0 in shape:
+        # Nothing to orthonormalize, and sqrt(m / n) divides by zero: refuse at construction
+        # rather than fail inside a step.
+        raise ValueError(
+            f"Dion parameter {name} has shape {tuple(shape)}: an empty matrix. Give it "
+            "algorithm='adamw' or 'lion' (torchdion.param_groups does this), or leave it out."
+        )
     if len(shape) == 2:
         return shape[0], shape[1]
     if len(shape) > 2 and flatten:

@@ -72,7 +72,8 @@ class Workspace:
         start = self._used.get(key, 0)
         self._used[key] = start + -(-n // self._ALIGN) * self._ALIGN
         flat = self._flat.get(key)
-        if flat is None and start + n <= self._last.get(key, 0):
+        # key in self._last: an empty local block (n = 0) taken first on the first step fits 0 <= 0
+        if flat is None and key in self._last and start + n <= self._last[key]:
             flat = self._flat[key] = torch.empty(self._last[key], dtype=dtype, device=device)
         if flat is None or start + n > flat.numel():
             return torch.empty(shape, dtype=dtype, device=device)

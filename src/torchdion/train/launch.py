@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -27,9 +28,23 @@ def _threads(world: int, requested: int) -> None:
     torch.set_num_threads(requested or max(1, (os.cpu_count() or 1) // world))
 
 
+def _loopback_interface() -> str | None:
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _worker(rank: int, world: int, init_file: str, threads: int, fn: Callable,
             args: tuple) -> None:
     _threads(world, threads)
+    # Every worker runs on this machine, so gloo's sockets belong on loopback: by default gloo
+    # listens on the address the hostname resolves to, often one the network can reach.
+    # GLOO_SOCKET_IFNAME set by the user wins.
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     device = _device(rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"file://{init_file}", rank=rank, world_size=world)
