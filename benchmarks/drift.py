@@ -18,7 +18,7 @@ variants have the same mean momentum, so in exact arithmetic the same weights). 
 JSON file; the parent writes drift.md and drift.png.
 
     python benchmarks/drift.py                      # 2000 steps, 4 processes
-    python benchmarks/drift.py --steps 50 --world 2 --out /tmp/drift --no-plot
+    python benchmarks/drift.py --steps 50 --world 2 --out runs/drift-smoke --no-plot
 """
 
 from __future__ import annotations
