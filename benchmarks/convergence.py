@@ -192,6 +192,7 @@ def plot(path: Path, results: dict, target: float) -> None:
     a.set_ylim(min(finals) - 0.05, min(finals) + 1.2)
     a.legend(fontsize=8)
     b.set_xscale("log")
+    b.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels would overlap
     b.set_xlabel("peak learning rate (matrices; all parameters for AdamW)")
     b.set_ylabel("final validation loss, seed 0")
     b.set_title("learning-rate sweeps")
