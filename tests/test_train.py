@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +77,22 @@ def test_two_workers_train_and_resume_exactly(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_convergence_benchmark_quick(tmp_path):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "convergence.py"
+    spec = importlib.util.spec_from_file_location("convergence_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "res" / "convergence.json").read_text())
+    assert set(report["arms"]) == {name for name, _, _ in bench.ARMS}
+    for arm in report["arms"].values():
+        assert len(arm["sweep"]) >= 2 and len(arm["seeds"]) >= 2
+        assert all(r["val_loss"] < 4.0 for r in arm["seeds"])
+    assert "| Dion r=1/8 |" in (tmp_path / "res" / "convergence.md").read_text()
+    assert (tmp_path / "res" / "convergence.png").stat().st_size > 0
