@@ -1,0 +1,256 @@
+"""Optimizer-step time on the hidden matrices of GPT-2 small (124M), against peers in one process.
+
+Every arm (Dion at several rank fractions, torch.optim.Muon, a Newton-Schulz Muon in fp32 written
+here, torch.optim.AdamW) owns a copy of the same weights and reads the same fixed gradients. The
+arms are stepped round-robin, one step each per repetition, so load from other processes lands on
+all of them alike; the table reports medians.
+
+The floor of a Dion step is its matmul work, 8 m n r FLOPs per matrix (B Q, B^T P, the error
+feedback P R^T and the update P Q^T), at the fp32 rate measured in the same run on batched
+matmuls shaped like B Q.
+
+    python benchmarks/step_time.py                  # 12 layers, the full table
+    python benchmarks/step_time.py --layers 2 --repeats 3   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+import torchdion
+
+# (out, in) of the four matrices of one GPT-2 small block: c_attn, c_proj, c_fc, mlp c_proj.
+BLOCK_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
+RANK_FRACTIONS = (1.0, 0.25, 1 / 16)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def make_weights(layers: int, device: torch.device, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=gen).mul_(0.02).to(device)
+        for _ in range(layers)
+        for shape in BLOCK_SHAPES
+    ]
+
+
+def make_grads(weights: list[Tensor], seed: int = 1) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(w.shape, generator=gen).mul_(1e-3).to(w.device) for w in weights]
+
+
+def make_params(weights: list[Tensor], grads: list[Tensor]) -> list[nn.Parameter]:
+    # Gradients are shared between arms: no optimizer here writes into p.grad.
+    params = [nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params
+
+
+class NewtonSchulzMuon(torch.optim.Optimizer):
+    """Muon with its quintic Newton-Schulz iteration run in fp32: the reference for orthonormal
+    updates computed without low precision, which Dion's fp32 math is compared against."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.1, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalize(G: Tensor, steps: int) -> Tensor:
+        a, b, c = NS_COEFFICIENTS
+        # Iterate on the wide orientation so that the Gram matrix X X^T is the small one.
+        wide = G.shape[0] > G.shape[1]
+        X = G.mT if wide else G
+        X = X / X.norm().clamp_min(1e-7)
+        for _ in range(steps):
+            A = X @ X.mT
+            Bm = torch.addmm(A, A, A, beta=b, alpha=c)
+            X = torch.addmm(X, Bm, X, beta=a)
+        return X.mT if wide else X
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["buf"] = torch.zeros_like(p)
+                buf = state["buf"]
+                buf.lerp_(p.grad, 1 - mom)
+                U = self.orthogonalize(p.grad.lerp(buf, mom), group["ns_steps"])
+                p.mul_(1 - lr * wd)
+                p.add_(U, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def dion_flops(layers: int, rank_fraction: float) -> float:
+    total = 0.0
+    for m, n in BLOCK_SHAPES:
+        r = torchdion.update.dion_rank(min(m, n), rank_fraction, 1)
+        total += layers * 8.0 * m * n * r
+    return total
+
+
+def matmul_probes(layers: int, device: torch.device):
+    """For each rank fraction, batched fp32 matmuls shaped like B Q of one Dion step:
+    (layers, a, b) @ (layers, b, r) per matrix shape. The B operands are shared to save memory."""
+    gen = torch.Generator().manual_seed(2)
+    operands = {}
+    for m, n in BLOCK_SHAPES:
+        a, b = max(m, n), min(m, n)
+        if (a, b) not in operands:
+            operands[(a, b)] = torch.randn(layers, a, b, generator=gen).to(device)
+    runs = {}
+    for f in RANK_FRACTIONS:
+        work, flops = [], 0.0
+        for m, n in BLOCK_SHAPES:
+            B = operands[(max(m, n), min(m, n))]
+            r = torchdion.update.dion_rank(B.shape[-1], f, 1)
+            Q = torch.randn(layers, B.shape[-1], r, generator=gen).to(device)
+            work.append((B, Q, torch.empty(layers, B.shape[-2], r, device=device)))
+            flops += 2.0 * layers * B.shape[-2] * B.shape[-1] * r
+
+        def run(work=work):
+            for B, Q, out in work:
+                torch.bmm(B, Q, out=out)
+
+        runs[f] = (run, flops)
+    return runs
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s >= 0.1 else f"{s * 1e3:.1f} ms"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per arm (after 1 warm-up)")
+    ap.add_argument("--layers", type=int, default=12,
+                    help="transformer blocks (12 for GPT-2 small; fewer for a quick run)")
+    ap.add_argument("--out", default=None, help="also write the table as markdown to this file")
+    ap.add_argument("--skip", default="", help="comma-separated arm names to leave out")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    weights = make_weights(args.layers, device)
+    grads = make_grads(weights)
+    n_params = sum(w.numel() for w in weights)
+
+    arms: dict[str, torch.optim.Optimizer] = {}
+    for f in RANK_FRACTIONS:
+        arms[_dion_name(f)] = torchdion.Dion(make_params(weights, grads), lr=0.01, rank_fraction=f)
+    # Muon as shipped runs its Newton-Schulz iteration in bf16.
+    arms["torch.optim.Muon (bf16 NS)"] = torch.optim.Muon(make_params(weights, grads), lr=0.02)
+    arms["Muon NS-5 fp32"] = NewtonSchulzMuon(make_params(weights, grads), lr=0.02)
+    arms["torch.optim.AdamW"] = torch.optim.AdamW(make_params(weights, grads), lr=1e-3)
+    del weights  # every arm holds its own copy; this one would only take memory
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    arms = {k: v for k, v in arms.items() if k not in skip}
+
+    probes = matmul_probes(args.layers, device)
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    probe_times: dict[float, list[float]] = {f: [] for f in RANK_FRACTIONS}
+
+    # The first step of each arm builds its state and is not timed.
+    for opt in arms.values():
+        timed(opt.step, device)
+    for run, _ in probes.values():
+        timed(run, device)
+    load_before = os.getloadavg()[0]
+    for rep in range(args.repeats):
+        print(f"repetition {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        for name, opt in arms.items():
+            times[name].append(timed(opt.step, device))
+        for f, (run, _) in probes.items():
+            probe_times[f].append(timed(run, device))
+
+    load_after = os.getloadavg()[0]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rate = {f: flops / statistics.median(probe_times[f]) for f, (_, flops) in probes.items()}
+    adamw = med.get("torch.optim.AdamW")
+    ns = med.get("Muon NS-5 fp32")
+
+    rows = []
+    for name, t in med.items():
+        floor = ""
+        for f in RANK_FRACTIONS:
+            if name.startswith("Dion") and name == _dion_name(f):
+                fl = dion_flops(args.layers, f) / rate[f]
+                floor = f"{fmt_time(fl)} ({t / fl:.2f}x)"
+        rows.append((
+            name,
+            fmt_time(t),
+            f"{t / adamw:.1f}x" if adamw else "-",
+            f"{ns / t:.2f}x" if ns else "-",
+            floor or "-",
+        ))
+    header = ("optimizer", "median step", "time / AdamW", "speedup vs NS-5 fp32 Muon",
+              "matmul floor (step / floor)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    rates = ", ".join(
+        f"{_dion_name(f).removeprefix('Dion ')}: {rate[f] / 1e9:.0f} GFLOP/s"
+        for f in RANK_FRACTIONS
+    )
+    threads = torch.get_num_threads()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    info = (
+        f"{args.layers} layers x 4 matrices ({n_params / 1e6:.1f}M weights), fp32, "
+        f"device {device}, {args.repeats} timed steps per arm (round-robin), medians.\n"
+        f"fp32 matmul rate measured on batched B Q-shaped matmuls ({rates}).\n"
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, {threads} torch threads, "
+        f"torch {torch.__version__}, {now:%Y-%m-%d %H:%M} UTC; 1-minute load average "
+        f"{load_before:.1f} before the timed steps, {load_after:.1f} after."
+    )
+    table = "\n".join(lines)
+    print(table)
+    print()
+    print(info)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table + "\n\n" + info.replace("\n", "  \n") + "\n")
+
+
+def _dion_name(f: float) -> str:
+    return f"Dion rank 1/{round(1 / f)}" if f < 1 else "Dion rank 1 (full)"
+
+
+if __name__ == "__main__":
+    main()
