@@ -1,4 +1,4 @@
-"""The example trainer: data, a 2-worker run end to end, and exact resume from a checkpoint."""
+"""The example trainer: data, a 2-worker run end to end, exact resume, FSDP2 = replicated."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def test_corpus_split_and_baseline():
 
 
 def test_unsupported_layouts_raise_clearly():
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        check_config(TrainConfig(parallel="fsdp"))
+    with pytest.raises(NotImplementedError, match="tp"):
+        check_config(TrainConfig(parallel="tp"), world=2)
+    with pytest.raises(NotImplementedError, match="Muon"):
+        check_config(TrainConfig(parallel="fsdp", optimizer="muon"), world=2)
 
 
 def _weights(ckpt_dir, tmp_path, name):
@@ -58,6 +60,7 @@ def test_two_workers_train_and_resume_exactly(tmp_path):
     cli.main([*TINY, "--out", str(full)])
     cli.main([*TINY, "--out", str(split), "--stop-after", "8"])
     cli.main([*TINY, "--out", str(split), "--resume"])
+    cli.main([*TINY, "--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", "--ckpt-interval", "0"])
 
     records = _records(full)
     train = [r["loss"] for r in records if r["kind"] == "train"]
@@ -68,6 +71,12 @@ def test_two_workers_train_and_resume_exactly(tmp_path):
     assert summary["val_loss"] < train[0]
     for f in ("loss.png", "summary.md", "sample.txt"):
         assert (full / f).stat().st_size > 0
+
+    # FSDP2-sharded Dion computes the same update as the replicated one, up to summation order.
+    sharded = _records(tmp_path / "fsdp")
+    assert [r["kind"] for r in sharded] == [r["kind"] for r in records]
+    for r, q in zip(records, sharded):
+        assert abs(r.get("loss", r.get("val_loss")) - q.get("loss", q.get("val_loss"))) < 1e-4
 
     resumed = _records(split)
     assert len(resumed) == len(records)

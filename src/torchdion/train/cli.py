@@ -65,14 +65,17 @@ def config_from_args(argv=None) -> TrainConfig:
 
 def _job(rank: int, world: int, device, cfg: TrainConfig, started: float) -> None:
     s = train(cfg, rank, world, device)
+    model, data = s.pop("model"), s.pop("data")
+    text = ""
+    # A sharded model's forward is collective: every rank generates (the same) sample.
+    if cfg.sample_chars and (rank == 0 or cfg.parallel != "ddp"):
+        text = report.sample(model, data, cfg.sample_chars, seed=cfg.seed)
     if rank != 0:
         return
     out = Path(cfg.out)
-    model, data = s.pop("model"), s.pop("data")
     if cfg.plots:
         report.plot_run(report.read_metrics(out / "metrics.jsonl"), out / "loss.png",
                         title=f"{cfg.optimizer}, rank fraction {cfg.rank_fraction}, {world} proc")
-    text = report.sample(model, data, cfg.sample_chars, seed=cfg.seed) if cfg.sample_chars else ""
     s["wall_time"] = time.time() - started
     table = report.markdown_table(
         report.summary_rows(s) + [("wall time (s, whole command)", f"{s['wall_time']:.1f}")])

@@ -70,10 +70,19 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
-    if cfg.parallel != "ddp":
+    if cfg.parallel in ("tp", "fsdp-tp"):
         raise NotImplementedError(
-            f"--parallel {cfg.parallel} is not available yet: the trainer runs data parallel "
-            "(--parallel ddp) until torchdion's sharded layouts land")
+            f"--parallel {cfg.parallel} is not available in the trainer yet (it needs a tensor-"
+            "parallel plan for the attention heads); use ddp, fsdp or hsdp")
+    if cfg.parallel in ("fsdp", "hsdp") and cfg.optimizer not in ("dion", "adamw"):
+        raise NotImplementedError(
+            f"--parallel {cfg.parallel} runs --optimizer dion or adamw (torch.optim.Muon does not "
+            "take sharded parameters; PowerSGD is a DDP hook)")
+    if cfg.parallel in ("fsdp", "hsdp") and world == 1:
+        raise ValueError(f"--parallel {cfg.parallel} needs at least 2 processes")
+    if cfg.parallel == "hsdp" and (world < 4 or world % 2):
+        raise ValueError("--parallel hsdp needs an even number of processes >= 4: 2 replicas "
+                         "of world/2 shards")
     if cfg.decay not in ("cosine", "linear", "none"):
         raise ValueError(f"--decay must be cosine, linear or none, got {cfg.decay!r}")
     if cfg.optimizer not in optim.OPTIMIZERS:
@@ -106,6 +115,26 @@ def evaluate(model, data, cfg: TrainConfig, rank: int, world: int, device) -> fl
     return total / count
 
 
+def shard(model, cfg: TrainConfig, world: int, device):
+    """FSDP2 per block and at the root. hsdp: 2 replicas of world/2 shards; Dion syncs the
+    replicas itself (returns that mesh dimension), AdamW lets FSDP2 do it on the 2-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dev = torch.device(device).type
+    replicate = None
+    if cfg.parallel == "fsdp":
+        mesh = init_device_mesh(dev, (world,))
+    else:
+        mesh = init_device_mesh(dev, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        if cfg.optimizer == "dion":
+            mesh, replicate = mesh["shard"], mesh["replicate"]
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return replicate
+
+
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict:
     """Train; returns the run's summary (on every rank). Needs the process group when world > 1."""
     check_config(cfg, world)
@@ -116,10 +145,11 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     mcfg = GPTConfig(vocab_size=data.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, d_model=cfg.d_model)
     model = GPT(mcfg).to(device)
+    replicate = shard(model, cfg, world, device) if cfg.parallel in ("fsdp", "hsdp") else None
     setup = optim.build(cfg.optimizer, model, model.head, lr=cfg.resolved_lr(),
                         adam_lr=cfg.adam_lr, weight_decay=cfg.weight_decay,
                         rank_fraction=cfg.rank_fraction, seed=cfg.seed, world=world,
-                        dion_sync=cfg.dion_sync)
+                        dion_sync=cfg.dion_sync, parallel=cfg.parallel, replicate=replicate)
     net = model
     if setup.use_ddp:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -57,6 +57,9 @@ class Setup:
         """Bytes this process sent for the step just taken."""
         if self.sync == "none":
             return 0
+        if self.sync in ("fsdp", "hsdp"):
+            opt = self.optimizers[0]
+            return int(opt.comm_stats()["bytes"]) if hasattr(opt, "comm_stats") else 0
         if self.sync == "dion-compressed":
             return int(self.optimizers[0].comm_stats()["bytes"])
         if self.sync == "ddp-powersgd":
@@ -82,14 +85,29 @@ def powersgd_payload(params: list[torch.Tensor], rank: int, min_compression_rate
 
 def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
           weight_decay: float, rank_fraction: float, seed: int, world: int,
-          group=None, dion_sync: str = "auto") -> Setup:
-    """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default)."""
+          group=None, dion_sync: str = "auto", parallel: str = "ddp",
+          replicate=None) -> Setup:
+    """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default).
+
+    Under ``parallel`` fsdp/hsdp the parameters are already sharded (DTensors) and Dion reads
+    their layout; ``replicate`` is hsdp's replica mesh dimension, synced by Dion itself. There
+    the byte count is the optimizer's own collectives: FSDP2's parameter all-gathers and gradient
+    reduce-scatters happen outside it and are not counted."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     full = 4 * sum(p.numel() for p in params)
     sync = "ddp" if world > 1 else "none"
-    if kind == "dion":
+    if parallel in ("fsdp", "hsdp"):
+        sync = parallel
+    if kind == "dion" and parallel in ("fsdp", "hsdp"):
+        groups = torchdion.param_groups(
+            model, head=head, dion=dict(rank_fraction=rank_fraction),
+            embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
+        kwargs = {"replicate_group": replicate} if replicate is not None else {}
+        opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
+                               **kwargs)]
+    elif kind == "dion":
         groups = torchdion.param_groups(
             model, head=head, dion=dict(rank_fraction=rank_fraction),
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
