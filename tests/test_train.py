@@ -38,8 +38,10 @@ def test_corpus_split_and_baseline():
 
 
 def test_unsupported_layouts_raise_clearly():
-    with pytest.raises(NotImplementedError, match="tp"):
-        check_config(TrainConfig(parallel="tp"), world=2)
+    with pytest.raises(NotImplementedError, match="fsdp-tp"):
+        check_config(TrainConfig(parallel="fsdp-tp"), world=2)
+    with pytest.raises(ValueError, match="n-head"):
+        check_config(TrainConfig(parallel="tp", n_head=3), world=2)
     with pytest.raises(NotImplementedError, match="Muon"):
         check_config(TrainConfig(parallel="fsdp", optimizer="muon"), world=2)
 

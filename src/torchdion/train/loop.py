@@ -70,15 +70,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
-    if cfg.parallel in ("tp", "fsdp-tp"):
+    if cfg.parallel == "fsdp-tp":
         raise NotImplementedError(
-            f"--parallel {cfg.parallel} is not available in the trainer yet (it needs a tensor-"
-            "parallel plan for the attention heads); use ddp, fsdp or hsdp")
-    if cfg.parallel in ("fsdp", "hsdp") and cfg.optimizer not in ("dion", "adamw"):
+            "--parallel fsdp-tp is not available in the trainer yet; use ddp, fsdp, hsdp or tp")
+    if cfg.parallel == "tp" and cfg.n_head % world:
+        raise ValueError(f"--parallel tp splits the {cfg.n_head} heads over {world} processes: "
+                         "--n-head must be a multiple of the process count")
+    if cfg.parallel != "ddp" and cfg.optimizer not in ("dion", "adamw"):
         raise NotImplementedError(
             f"--parallel {cfg.parallel} runs --optimizer dion or adamw (torch.optim.Muon does not "
             "take sharded parameters; PowerSGD is a DDP hook)")
-    if cfg.parallel in ("fsdp", "hsdp") and world == 1:
+    if cfg.parallel != "ddp" and world == 1:
         raise ValueError(f"--parallel {cfg.parallel} needs at least 2 processes")
     if cfg.parallel == "hsdp" and (world < 4 or world % 2):
         raise ValueError("--parallel hsdp needs an even number of processes >= 4: 2 replicas "
@@ -111,7 +113,7 @@ def evaluate(model, data, cfg: TrainConfig, rank: int, world: int, device) -> fl
         total += float(model(x, y)) * y.numel()
         count += y.numel()
     model.train()
-    total, count = _all_sum([total, count], device)
+    total, count = _all_sum([total, count], device)  # tp: every rank adds the same batch
     return total / count
 
 
@@ -135,6 +137,24 @@ def shard(model, cfg: TrainConfig, world: int, device):
     return replicate
 
 
+def tensor_parallel(model, world: int, device) -> None:
+    """Megatron-style: q, k, v and fc split by output (heads, hidden units), proj and out by
+    input; embeddings, norms and head stay whole. Every rank reads the same batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+            "fc": ColwiseParallel(), "out": RowwiseParallel()}
+    for blk in model.blocks:
+        parallelize_module(blk, mesh, plan)
+
+
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict:
     """Train; returns the run's summary (on every rank). Needs the process group when world > 1."""
     check_config(cfg, world)
@@ -145,7 +165,11 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     mcfg = GPTConfig(vocab_size=data.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, d_model=cfg.d_model)
     model = GPT(mcfg).to(device)
-    replicate = shard(model, cfg, world, device) if cfg.parallel in ("fsdp", "hsdp") else None
+    replicate = None
+    if cfg.parallel in ("fsdp", "hsdp"):
+        replicate = shard(model, cfg, world, device)
+    elif cfg.parallel == "tp":
+        tensor_parallel(model, world, device)
     setup = optim.build(cfg.optimizer, model, model.head, lr=cfg.resolved_lr(),
                         adam_lr=cfg.adam_lr, weight_decay=cfg.weight_decay,
                         rank_fraction=cfg.rank_fraction, seed=cfg.seed, world=world,
@@ -185,7 +209,9 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
         log = metrics_path.open("a")
 
-    per = cfg.batch // world
+    # Tensor-parallel ranks share one batch; the others split it.
+    data_rank, data_world = (0, 1) if cfg.parallel == "tp" else (rank, world)
+    per = cfg.batch // data_world
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -201,8 +227,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         t0 = time.perf_counter()
         setup.set_lr_factor(lr_factor(cfg, step))
         x, y = batch_windows(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
-        x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
-        loss = net(x, y)
+        x, y = x[data_rank * per:(data_rank + 1) * per], y[data_rank * per:(data_rank + 1) * per]
+        loss = net(x.to(device), y.to(device))
         for o in setup.optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,7 +240,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         tokens += cfg.batch * cfg.seq_len
         sent += step_bytes
         full_sent += setup.full_bytes if world > 1 else 0
-        (loss_mean,) = _all_sum([loss.item() / world], device)
+        (loss_mean,) = _all_sum([loss.item() / world], device)  # tp: world equal losses
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"training loss is {loss_mean} at step {step + 1}")
         emit(dict(kind="train", step=step + 1, loss=loss_mean,
@@ -222,7 +248,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
                   time=train_time, bytes=sent, full_bytes=full_sent))
         done = step + 1
         if done % cfg.eval_interval == 0 or done == cfg.steps:
-            val_loss = evaluate(net, data, cfg, rank, world, device)
+            val_loss = evaluate(net, data, cfg, data_rank, data_world, device)
             emit(dict(kind="eval", step=done, val_loss=val_loss, tokens=tokens, time=train_time,
                       bytes=sent, full_bytes=full_sent))
             if bar is not None:
@@ -241,7 +267,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     if bar is not None:
         bar.close()
     if math.isnan(val_loss):  # resumed at the end: nothing trained, still report the model
-        val_loss = evaluate(net, data, cfg, rank, world, device)
+        val_loss = evaluate(net, data, cfg, data_rank, data_world, device)
     if rank == 0:
         log.close()
     return dict(

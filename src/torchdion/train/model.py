@@ -24,7 +24,7 @@ class Attention(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.n_head:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
         # Separate q, k, v matrices: each is a square matrix for the optimizer, where a fused
         # (3d, d) weight would be orthonormalized as one matrix mixing three roles.
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -33,11 +33,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = (w(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+        b, t, _ = x.shape
+        # Heads are counted from q's width: under tensor parallelism each rank holds a slice of
+        # the heads (column-sharded q, k, v), and proj takes the matching slice of its input.
+        q, k, v = (w(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
                    for w in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):

@@ -57,7 +57,7 @@ class Setup:
         """Bytes this process sent for the step just taken."""
         if self.sync == "none":
             return 0
-        if self.sync in ("fsdp", "hsdp"):
+        if self.sync in ("fsdp", "hsdp", "tp"):
             opt = self.optimizers[0]
             return int(opt.comm_stats()["bytes"]) if hasattr(opt, "comm_stats") else 0
         if self.sync == "dion-compressed":
@@ -89,18 +89,18 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
           replicate=None) -> Setup:
     """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default).
 
-    Under ``parallel`` fsdp/hsdp the parameters are already sharded (DTensors) and Dion reads
-    their layout; ``replicate`` is hsdp's replica mesh dimension, synced by Dion itself. There
-    the byte count is the optimizer's own collectives: FSDP2's parameter all-gathers and gradient
-    reduce-scatters happen outside it and are not counted."""
+    Under ``parallel`` fsdp, hsdp or tp the parameters are already sharded (DTensors) and Dion
+    reads their layout; ``replicate`` is hsdp's replica mesh dimension, synced by Dion itself.
+    There the byte count is the optimizer's own collectives: FSDP2's parameter all-gathers and
+    gradient reduce-scatters, and TP's activation all-reduces, happen outside it."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     full = 4 * sum(p.numel() for p in params)
     sync = "ddp" if world > 1 else "none"
-    if parallel in ("fsdp", "hsdp"):
+    if parallel != "ddp":
         sync = parallel
-    if kind == "dion" and parallel in ("fsdp", "hsdp"):
+    if kind == "dion" and parallel != "ddp":
         groups = torchdion.param_groups(
             model, head=head, dion=dict(rank_fraction=rank_fraction),
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))

@@ -27,8 +27,8 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ("unigram baseline (nats/char)", f"{s['unigram_loss']:.4f}"),
         ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
         ("training time (s, without eval)", f"{s['train_time']:.1f}"),
-        ("bytes sent by the optimizer, per process (FSDP2's own collectives not counted)"
-         if s["sync"] in ("fsdp", "hsdp") else "bytes sent by the gradient sync, per process",
+        ("bytes sent by the optimizer, per process (the layout's own collectives not counted)"
+         if s["sync"] in ("fsdp", "hsdp", "tp") else "bytes sent by the gradient sync, per process",
          _mb(s["bytes"])),
         ("full-gradient all-reduce would send", _mb(s["full_bytes"])),
         ("sent / full", f"{ratio:.3f}"),
