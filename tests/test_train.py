@@ -37,8 +37,8 @@ def test_corpus_split_and_baseline():
     assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_unsupported_layouts_raise_clearly():
-    with pytest.raises(NotImplementedError, match="fsdp-tp"):
+def test_unsupported_combinations_raise_clearly():
+    with pytest.raises(ValueError, match="fsdp-tp needs"):
         check_config(TrainConfig(parallel="fsdp-tp"), world=2)
     with pytest.raises(ValueError, match="n-head"):
         check_config(TrainConfig(parallel="tp", n_head=3), world=2)

@@ -70,12 +70,13 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def check_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel not in PARALLEL:
         raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
-    if cfg.parallel == "fsdp-tp":
-        raise NotImplementedError(
-            "--parallel fsdp-tp is not available in the trainer yet; use ddp, fsdp, hsdp or tp")
-    if cfg.parallel == "tp" and cfg.n_head % world:
-        raise ValueError(f"--parallel tp splits the {cfg.n_head} heads over {world} processes: "
-                         "--n-head must be a multiple of the process count")
+    tp = world if cfg.parallel == "tp" else world // 2 if cfg.parallel == "fsdp-tp" else 1
+    if cfg.parallel == "fsdp-tp" and (world < 4 or world % 2):
+        raise ValueError("--parallel fsdp-tp needs an even number of processes >= 4: FSDP over "
+                         "2, TP over world/2")
+    if cfg.n_head % tp:
+        raise ValueError(f"--parallel {cfg.parallel} splits the {cfg.n_head} heads over {tp} "
+                         "processes: --n-head must be a multiple of that")
     if cfg.parallel != "ddp" and cfg.optimizer not in ("dion", "adamw"):
         raise NotImplementedError(
             f"--parallel {cfg.parallel} runs --optimizer dion or adamw (torch.optim.Muon does not "
@@ -120,15 +121,13 @@ def evaluate(model, data, cfg: TrainConfig, rank: int, world: int, device) -> fl
 def shard(model, cfg: TrainConfig, world: int, device):
     """FSDP2 per block and at the root. hsdp: 2 replicas of world/2 shards; Dion syncs the
     replicas itself (returns that mesh dimension), AdamW lets FSDP2 do it on the 2-D mesh."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dev = torch.device(device).type
     replicate = None
     if cfg.parallel == "fsdp":
-        mesh = init_device_mesh(dev, (world,))
+        mesh = init_mesh(device, (world,))
     else:
-        mesh = init_device_mesh(dev, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        mesh = init_mesh(device, (2, world // 2), ("replicate", "shard"))
         if cfg.optimizer == "dion":
             mesh, replicate = mesh["shard"], mesh["replicate"]
     for blk in model.blocks:
@@ -137,17 +136,40 @@ def shard(model, cfg: TrainConfig, world: int, device):
     return replicate
 
 
-def tensor_parallel(model, world: int, device) -> None:
-    """Megatron-style: q, k, v and fc split by output (heads, hidden units), proj and out by
-    input; embeddings, norms and head stay whole. Every rank reads the same batch."""
+def init_mesh(device, shape, names=None):
     from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(torch.device(device).type, shape, mesh_dim_names=names)
+
+
+def fsdp_tp(model, world: int, device) -> int:
+    """TP over world/2 inside FSDP2 over 2; FSDP shards the matrix dim TP leaves whole.
+    Returns this rank's data shard (its FSDP coordinate)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_mesh(device, (2, world // 2), ("dp", "tp"))
+    tensor_parallel(model, mesh["tp"])
+
+    def other_dim(p):
+        tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
+        return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
+
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh["dp"], shard_placement_fn=other_dim)
+    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
+    return mesh["dp"].get_local_rank()
+
+
+def tensor_parallel(model, mesh) -> None:
+    """Megatron-style: q, k, v and fc split by output (heads, hidden units), proj and out by
+    input; embeddings, norms and head stay whole."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    mesh = init_device_mesh(torch.device(device).type, (world,))
     plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
             "attn.v": ColwiseParallel(), "attn.proj": RowwiseParallel(),
             "fc": ColwiseParallel(), "out": RowwiseParallel()}
@@ -165,11 +187,15 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     mcfg = GPTConfig(vocab_size=data.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, d_model=cfg.d_model)
     model = GPT(mcfg).to(device)
-    replicate = None
+    replicate, data_rank, data_world = None, rank, world
     if cfg.parallel in ("fsdp", "hsdp"):
         replicate = shard(model, cfg, world, device)
-    elif cfg.parallel == "tp":
-        tensor_parallel(model, world, device)
+    elif cfg.parallel == "tp":  # tensor-parallel ranks share one batch
+        tensor_parallel(model, init_mesh(device, (world,)))
+        data_rank, data_world = 0, 1
+    elif cfg.parallel == "fsdp-tp":
+        data_rank = fsdp_tp(model, world, device)
+        data_world = 2
     setup = optim.build(cfg.optimizer, model, model.head, lr=cfg.resolved_lr(),
                         adam_lr=cfg.adam_lr, weight_decay=cfg.weight_decay,
                         rank_fraction=cfg.rank_fraction, seed=cfg.seed, world=world,
@@ -209,8 +235,6 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
         log = metrics_path.open("a")
 
-    # Tensor-parallel ranks share one batch; the others split it.
-    data_rank, data_world = (0, 1) if cfg.parallel == "tp" else (rank, world)
     per = cfg.batch // data_world
     bar = None
     if rank == 0 and cfg.progress:

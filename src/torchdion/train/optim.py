@@ -57,7 +57,7 @@ class Setup:
         """Bytes this process sent for the step just taken."""
         if self.sync == "none":
             return 0
-        if self.sync in ("fsdp", "hsdp", "tp"):
+        if self.sync in ("fsdp", "hsdp", "tp", "fsdp-tp"):
             opt = self.optimizers[0]
             return int(opt.comm_stats()["bytes"]) if hasattr(opt, "comm_stats") else 0
         if self.sync == "dion-compressed":

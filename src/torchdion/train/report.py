@@ -18,6 +18,9 @@ def _mb(n: float) -> str:
 
 def summary_rows(s: dict) -> list[tuple[str, str]]:
     ratio = s["bytes"] / s["full_bytes"] if s["full_bytes"] else float("nan")
+    bytes_label = "bytes sent by the gradient sync, per process"
+    if s["sync"] in ("fsdp", "hsdp", "tp", "fsdp-tp"):
+        bytes_label = "bytes sent by the optimizer, per process (the layout's own not counted)"
     procs = f"{s['world']} process" + ("es" if s["world"] > 1 else "")
     return [
         ("optimizer", f"{s['optimizer']} (gradient sync: {s['sync']}, {procs})"),
@@ -27,9 +30,7 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ("unigram baseline (nats/char)", f"{s['unigram_loss']:.4f}"),
         ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
         ("training time (s, without eval)", f"{s['train_time']:.1f}"),
-        ("bytes sent by the optimizer, per process (the layout's own collectives not counted)"
-         if s["sync"] in ("fsdp", "hsdp", "tp") else "bytes sent by the gradient sync, per process",
-         _mb(s["bytes"])),
+        (bytes_label, _mb(s["bytes"])),
         ("full-gradient all-reduce would send", _mb(s["full_bytes"])),
         ("sent / full", f"{ratio:.3f}"),
     ]
