@@ -32,7 +32,11 @@ def sketch_matrix(k: int, a: int, seed: int, step: int, device, dtype) -> Tensor
     draws the same matrix; a row-sharded rank slices the columns it owns.
     """
     gen = torch.Generator(device=device)
-    gen.manual_seed(hash((seed, step, k, a)) & 0x7FFF_FFFF_FFFF_FFFF)
+    # Explicit mixing rather than hash(): the same seed on every Python version and platform.
+    mixed = seed
+    for part in (step, k, a):
+        mixed = (mixed * 1_000_003 + part) % (1 << 63)
+    gen.manual_seed(mixed)
     return torch.randn(k, a, generator=gen, device=device, dtype=dtype) / math.sqrt(k)
 
 
