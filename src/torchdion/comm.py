@@ -8,7 +8,7 @@ collectives per step depends on the number of distinct groups, not on the number
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,30 +67,62 @@ class Comm:
 
     def all_reduce_mean(self, tensors: Sequence[Tensor], group: Any, kind: str) -> None:
         """Average tensors in place across ``group``, one collective per dtype and device."""
-        for t, reduced in zip(tensors, self._reduce(tensors, group, kind, mean=True)):
-            if reduced is not t:
-                t.copy_(reduced)
+        self.start_mean(tensors, group, kind)()
 
-    def _reduce(self, tensors: Sequence[Tensor], group: Any, kind: str, mean: bool,
-                matrix_sizes: Sequence[int] | None = None) -> list[Tensor]:
-        """Sum (or average) across ``group``; returns new tensors, leaving the inputs intact."""
+    def start_mean(self, tensors: Sequence[Tensor], group: Any,
+                   kind: str) -> Callable[[], None]:
+        """Start averaging ``tensors`` in place across ``group`` without waiting; returns the
+        function that waits and writes the averages (calling it again does nothing)."""
+        launched = self._launch(tensors, group, kind, None, async_op=True)
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                for t, avg in zip(tensors, self._collect(launched, tensors, group, mean=True)):
+                    if avg is not t:
+                        t.copy_(avg)
+
+        return finish
+
+    def _launch(self, tensors: Sequence[Tensor], group: Any, kind: str,
+                matrix_sizes: Sequence[int] | None, async_op: bool) -> list[tuple]:
+        """Issue one summing all-reduce per (dtype, device) bucket: [(work, flat, indices)]."""
         if group_size(group) == 1 or not tensors:
-            return list(tensors)
-        out: list[Tensor] = list(tensors)
+            return []
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
             buckets[(t.dtype, t.device)].append(i)
+        launched = []
         for idx in buckets.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in idx])
             fraction = max(tensors[i].numel() / matrix_sizes[i] for i in idx) if matrix_sizes else 0
             self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx), fraction)
-            # gloo has no AVG: sum, then divide.
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            # gloo has no AVG: sum here, divide in _collect.
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+            launched.append((work, flat, idx))
+        return launched
+
+    @staticmethod
+    def _collect(launched: list[tuple], tensors: Sequence[Tensor], group: Any,
+                 mean: bool) -> list[Tensor]:
+        """Wait for launched buckets; new tensors holding the sums (or means)."""
+        out = list(tensors)
+        for work, flat, idx in launched:
+            if work is not None:
+                work.wait()
             if mean:
                 flat.div_(group_size(group))
             for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
                 out[i] = piece.view(tensors[i].shape)
         return out
+
+    def _reduce(self, tensors: Sequence[Tensor], group: Any, kind: str, mean: bool,
+                matrix_sizes: Sequence[int] | None = None) -> list[Tensor]:
+        """Sum (or average) across ``group``; returns new tensors, leaving the inputs intact."""
+        launched = self._launch(tensors, group, kind, matrix_sizes, async_op=False)
+        return self._collect(launched, tensors, group, mean)
 
     def complete(self, layouts: Sequence[Any], requests: Sequence[Reduce]) -> list[Tensor]:
         """Complete each request's sums over the groups its layout assigns to its axes."""

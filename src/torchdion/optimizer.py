@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -389,13 +389,9 @@ class Dion(Optimizer):
             else:
                 elementwise_groups.append((group, with_grad))
 
-        if self._syncs_gradients():
-            full = [local_tensor(p.grad) for _, ps in elementwise_groups for p in ps]
-            full += [local_tensor(p.grad) for key, ps in dion_batches.items() for p in ps
-                     if key[1].groups.get("replica") is None]
-            self._comm.all_reduce_mean(full, self.replicate_group, "grad")
-
+        finish_sync = self._start_gradient_sync(elementwise_groups, dion_batches)
         dion_results = self._dion_phase(dion_batches)
+        finish_sync()
         finite_elementwise = [
             (group, params, self._finite(params)) for group, params in elementwise_groups
         ]
@@ -411,6 +407,21 @@ class Dion(Optimizer):
         for group, params, ok in finite_elementwise:
             self._apply_elementwise(group, [p for p, good in zip(params, ok.tolist()) if good])
         return loss
+
+    def _start_gradient_sync(self, elementwise_groups, dion_batches) -> Callable[[], None]:
+        """Average the gradients that travel whole: element-wise ones and Dion matrices whose
+        factors would not be smaller. One bucketed all-reduce, left in flight while Dion computes
+        unless a Dion matrix needs its averaged gradient first. Returns the wait."""
+        if not self._syncs_gradients():
+            return lambda: None
+        whole = [p for key, ps in dion_batches.items() for p in ps
+                 if key[1].groups.get("replica") is None]
+        grads = [local_tensor(p.grad) for _, ps in elementwise_groups for p in ps]
+        grads += [local_tensor(p.grad) for p in whole]
+        finish = self._comm.start_mean(grads, self.replicate_group, "grad")
+        if whole:
+            finish()
+        return finish
 
     def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
         gens, layouts = [], []
