@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -122,8 +123,16 @@ def _quiet_single_process():
         yield
 
 
-def save(directory: Path, step: int, model, optimizers, meta: dict, extra=None) -> Path:
+def save(directory: Path, step: int, model, optimizers, meta: dict, extra=None,
+         before_meta=None) -> Path:
+    """Write a checkpoint of ``step``; ``before_meta`` (a test's hook) is called once this
+    process's files are written, before the barrier and ``meta.json``."""
     path = Path(directory) / f"step_{step:06d}"
+    if _rank() == 0 and path.exists():
+        # Left by a save that a crash cut short: its stray files would be mixed into this one's
+        # and listed in its meta.json.
+        shutil.rmtree(path)
+    _barrier()
     for opt in optimizers:
         # Dion replicas keep their own momenta; only the mean matters, so averaging them makes
         # every replica a complete copy of the state (the run saving here then continues from the
@@ -135,11 +144,16 @@ def save(directory: Path, step: int, model, optimizers, meta: dict, extra=None) 
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if extra is not None:
         torch.save(_plain(extra), path / f"extra_rank{_rank()}.pt")
+    if before_meta is not None:
+        before_meta()
     _barrier()
     if _rank() == 0:
         files = {f.name: _sha256(f) for f in sorted(path.iterdir()) if f.name != "meta.json"}
-        (path / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files},
-                                                   indent=1))
+        # Renamed into place: a crash while writing leaves no meta.json, never a cut-short one
+        # that latest() would take for a whole checkpoint.
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps({**meta, "step": step, "files": files}, indent=1))
+        os.replace(tmp, path / "meta.json")
     _barrier()
     return path
 

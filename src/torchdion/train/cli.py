@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
+import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 
-from . import launch, optim, report
+from . import ckpt, launch, optim, report
 from .loop import PARALLEL, TrainConfig, check_config, train
 
 
@@ -22,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
         "baseline, on --nproc local workers or under torchrun.")
     a = p.add_argument
     a("--nproc", type=int, default=d.nproc, help="workers to start (ignored under torchrun)")
+    a("--max-restarts", type=int, default=0,
+      help="when a worker dies, stop the others and start all again from the newest checkpoint, "
+      "up to this many times (--nproc > 1; under torchrun use its own --max-restarts)")
     a("--parallel", choices=PARALLEL, default=d.parallel)
     a("--optimizer", choices=optim.OPTIMIZERS, default=d.optimizer)
     a("--rank-fraction", type=float, default=d.rank_fraction,
@@ -64,6 +68,15 @@ def config_from_args(argv=None) -> TrainConfig:
 
 
 def _job(rank: int, world: int, device, cfg: TrainConfig, started: float) -> None:
+    # A restarted job runs the first attempt's command line: it resumes from the newest whole
+    # checkpoint, or starts over if the first attempt died before writing one. Every rank sees
+    # the same answer: nothing writes checkpoints until all ranks are past this point.
+    with warnings.catch_warnings():  # train() warns about an unfinished save itself
+        warnings.simplefilter("ignore")
+        restarted_with_ckpt = (launch.restart_count() > 0
+                               and ckpt.latest(Path(cfg.out) / "checkpoints") is not None)
+    if restarted_with_ckpt:
+        cfg = replace(cfg, resume=True)
     s = train(cfg, rank, world, device)
     model, data = s.pop("model"), s.pop("data")
     text = ""
@@ -101,7 +114,8 @@ def main(argv=None) -> None:
         check_config(cfg, world)
     except (ValueError, NotImplementedError) as e:
         raise SystemExit(f"torchdion-train: {e}") from None
-    launch.run(_job, cfg.nproc, cfg.threads, args=(cfg, started))
+    max_restarts = parser().parse_args(argv).max_restarts
+    launch.run(_job, cfg.nproc, cfg.threads, args=(cfg, started), max_restarts=max_restarts)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -14,6 +15,15 @@ import torch.multiprocessing as mp
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+RESTART_VAR = "TORCHDION_RESTART_COUNT"
+
+
+def restart_count() -> int:
+    """How many times this job's workers have been restarted: torchrun's elastic agent says so in
+    TORCHELASTIC_RESTART_COUNT, this launcher in RESTART_VAR."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get(RESTART_VAR) or 0)
 
 
 def _device(local_rank: int) -> torch.device:
@@ -36,8 +46,9 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def _worker(rank: int, world: int, init_file: str, threads: int, fn: Callable,
-            args: tuple) -> None:
+def _worker(rank: int, world: int, init_file: str, threads: int, fn: Callable, args: tuple,
+            attempt: int = 0) -> None:
+    os.environ[RESTART_VAR] = str(attempt)
     _threads(world, threads)
     # Every worker runs on this machine, so gloo's sockets belong on loopback: by default gloo
     # listens on the address the hostname resolves to, often one the network can reach.
@@ -54,11 +65,13 @@ def _worker(rank: int, world: int, init_file: str, threads: int, fn: Callable,
         dist.destroy_process_group()
 
 
-def run(fn: Callable, nproc: int, threads: int, args: tuple = ()) -> None:
+def run(fn: Callable, nproc: int, threads: int, args: tuple = (), max_restarts: int = 0) -> None:
     """Call ``fn(rank, world, device, *args)`` in every process of the job.
 
-    Under torchrun this process is one rank. Otherwise ``nproc`` > 1 spawns that many workers
-    on this machine, meeting at a file store in a fresh temporary directory (no port to clash);
+    Under torchrun this process is one rank (torchrun's own --max-restarts restarts it). Otherwise
+    ``nproc`` > 1 spawns that many workers on this machine, meeting at a file store in a fresh
+    temporary directory (no port to clash); when one exits abnormally the others are terminated
+    and, up to ``max_restarts`` times, all are started again (``restart_count()`` tells them).
     ``nproc`` == 1 runs here without a process group.
     """
     if under_torchrun():
@@ -66,7 +79,14 @@ def run(fn: Callable, nproc: int, threads: int, args: tuple = ()) -> None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         _threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), threads)
         device = _device(local)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store, rank, _ = next(dist.rendezvous("env://"))
+        # torchrun's restarted workers share its rendezvous store with the dead ones, whose
+        # addresses are still in it: gloo then connects to ports nobody listens on. A prefix per
+        # attempt keeps each attempt's keys apart (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 also
+        # works, but has to be set by whoever starts torchrun).
+        store = dist.PrefixStore(f"torchdion/attempt_{restart_count()}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=world)
         try:
             fn(dist.get_rank(), world, device, *args)
         finally:
@@ -76,6 +96,19 @@ def run(fn: Callable, nproc: int, threads: int, args: tuple = ()) -> None:
         _threads(1, threads)
         fn(0, 1, _device(0), *args)
         return
-    with tempfile.TemporaryDirectory(prefix="torchdion-rdzv-") as tmp:
-        mp.start_processes(_worker, args=(nproc, os.path.join(tmp, "store"), threads, fn, args),
-                           nprocs=nproc, start_method="spawn", join=True)
+    for attempt in range(max_restarts + 1):
+        # A fresh store each time: the dead attempt's file still holds its ranks' keys.
+        with tempfile.TemporaryDirectory(prefix="torchdion-rdzv-") as tmp:
+            try:
+                # join() terminates the survivors of a failed worker before raising; without
+                # that they would sit in a collective until gloo's 30-minute timeout.
+                mp.start_processes(
+                    _worker, args=(nproc, os.path.join(tmp, "store"), threads, fn, args, attempt),
+                    nprocs=nproc, start_method="spawn", join=True)
+                return
+            except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+                if attempt == max_restarts:
+                    raise
+                print(f"torchdion-train: {str(e).rstrip()}\ntorchdion-train: restarting all "
+                      f"{nproc} workers ({attempt + 1} of {max_restarts})", file=sys.stderr,
+                      flush=True)

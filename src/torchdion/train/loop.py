@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import ckpt, optim
+from . import ckpt, launch, optim
 from .data import batch_windows, load_data
 from .model import GPT, GPTConfig
 
@@ -94,6 +97,33 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise ValueError(f"--dion-sync must be auto, compressed or ddp, got {cfg.dion_sync!r}")
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must be divisible by the {world} processes")
+
+
+def _test_kill(step: int, rank: int, where: str) -> None:
+    """Test hook: SIGKILL this worker at step TORCHDION_TEST_KILL_AT_STEP on rank
+    TORCHDION_TEST_KILL_RANK (default 1), ``where`` TORCHDION_TEST_KILL_IN says ("step": after the
+    step's update, "save": in that step's checkpoint save, after the files and before meta.json).
+    Only in a job's first attempt, so the restarted one runs through."""
+    at = os.environ.get("TORCHDION_TEST_KILL_AT_STEP")
+    if (at is None or int(at) != step or launch.restart_count()
+            or rank != int(os.environ.get("TORCHDION_TEST_KILL_RANK", "1"))
+            or where != os.environ.get("TORCHDION_TEST_KILL_IN", "step")):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_records(path: Path, upto: int) -> list[dict]:
+    """The run's metrics up to step ``upto``. A worker killed while another was writing can
+    leave the last line cut short: reading stops there."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            break
+        if r["step"] <= upto:
+            records.append(r)
+    return records
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -202,8 +232,17 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
                         dion_sync=cfg.dion_sync, parallel=cfg.parallel, replicate=replicate)
     net = model
     if setup.use_ddp:
+        kwargs = {}
+        if setup.sync == "ddp-powersgd" and dist.get_backend() == "gloo":
+            # powerSGD_hook issues its all-reduces from the callbacks of the previous ones; gloo
+            # runs those on its own threads, so with several buckets the ranks can issue them in
+            # different orders, mismatch, and abort (SIGABRT). One bucket leaves one order.
+            # Setting bucket_cap_mb also sets DDP's small first bucket to the same cap.
+            kwargs["bucket_cap_mb"] = sum(p.numel() * p.element_size()
+                                          for p in model.parameters()) / 2**20 + 1
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if getattr(device, "type", "cpu") == "cuda" else None)
+            model, device_ids=[device.index] if getattr(device, "type", "cpu") == "cuda" else None,
+            **kwargs)
         if setup.sync == "ddp-powersgd":
             optim.register_powersgd(setup, net, list(model.parameters()), cfg.rank_fraction,
                                     cfg.d_model)
@@ -223,14 +262,15 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         if written_by != world:  # per-process extras and the batch split assume the same world
             raise ValueError(f"{path} was written by {written_by} processes, not {world}")
         meta, extra = ckpt.load(path, net, setup.optimizers)
+        if rank == 0:
+            print(f"torchdion-train: resuming from {path}", flush=True)
         start, tokens, train_time = meta["step"], meta["tokens"], meta["train_time"]
         sent, full_sent = meta["bytes"], meta["full_bytes"]
         if extra is not None and setup.powersgd is not None:
             setup.powersgd.__setstate__(extra["powersgd"])
         # Drop what the interrupted run logged after its checkpoint.
         if rank == 0 and metrics_path.is_file():
-            records = [r for r in map(json.loads, metrics_path.read_text().splitlines())
-                       if r["step"] <= start]
+            records = _read_records(metrics_path, start)
     if rank == 0:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
         log = metrics_path.open("a")
@@ -267,6 +307,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
         (loss_mean,) = _all_sum([loss.item() / world], device)  # tp: world equal losses
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"training loss is {loss_mean} at step {step + 1}")
+        _test_kill(step + 1, rank, "step")
         emit(dict(kind="train", step=step + 1, loss=loss_mean,
                   lr=setup.optimizers[0].param_groups[0]["lr"], tokens=tokens,
                   time=train_time, bytes=sent, full_bytes=full_sent))
@@ -281,7 +322,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
             meta = dict(world=world, tokens=tokens, train_time=train_time, bytes=sent,
                         full_bytes=full_sent, config=asdict(cfg))
             extra = {"powersgd": setup.powersgd.__getstate__()} if setup.powersgd else None
-            ckpt.save(ckpt_dir, done, net, setup.optimizers, meta, extra)
+            ckpt.save(ckpt_dir, done, net, setup.optimizers, meta, extra,
+                      before_meta=functools.partial(_test_kill, done, rank, "save"))
             ckpt.prune(ckpt_dir, cfg.keep_ckpts)
         if cfg.stop_after and done >= cfg.stop_after:
             break
