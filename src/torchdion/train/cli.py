@@ -11,6 +11,8 @@ import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
+import torch.distributed as dist
+
 from . import ckpt, launch, optim, report
 from .loop import PARALLEL, TrainConfig, check_config, train
 
@@ -69,14 +71,15 @@ def config_from_args(argv=None) -> TrainConfig:
 
 def _job(rank: int, world: int, device, cfg: TrainConfig, started: float) -> None:
     # A restarted job runs the first attempt's command line: it resumes from the newest whole
-    # checkpoint, or starts over if the first attempt died before writing one. Every rank sees
-    # the same answer: nothing writes checkpoints until all ranks are past this point.
-    with warnings.catch_warnings():  # train() warns about an unfinished save itself
-        warnings.simplefilter("ignore")
-        restarted_with_ckpt = (launch.restart_count() > 0
-                               and ckpt.latest(Path(cfg.out) / "checkpoints") is not None)
-    if restarted_with_ckpt:
-        cfg = replace(cfg, resume=True)
+    # checkpoint, or starts over if the first attempt died before writing one.
+    if launch.restart_count():
+        with warnings.catch_warnings():  # train() warns about an unfinished save itself
+            warnings.simplefilter("ignore")
+            if ckpt.latest(Path(cfg.out) / "checkpoints") is not None:
+                cfg = replace(cfg, resume=True)
+        # Every rank must see the same answer: a fresh start's rank 0 deletes the directory.
+        if dist.is_initialized():
+            dist.barrier()
     s = train(cfg, rank, world, device)
     model, data = s.pop("model"), s.pop("data")
     text = ""

@@ -212,6 +212,12 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     check_config(cfg, world)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        # A fresh run must not resume into old ones; first thing, so that a job restarted after
+        # a crash finds no other run's checkpoints to take for its own.
+        if not cfg.resume and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
     data = load_data()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     mcfg = GPTConfig(vocab_size=data.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
@@ -248,10 +254,6 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
                                     cfg.d_model)
 
     start, tokens, train_time, sent, full_sent = 0, 0, 0.0, 0, 0
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and ckpt_dir.exists():  # a fresh run must not resume into old ones
-            shutil.rmtree(ckpt_dir)
     metrics_path = out / "metrics.jsonl"
     records: list[dict] = []
     if cfg.resume:
