@@ -54,9 +54,9 @@ def parser() -> argparse.ArgumentParser:
     a("--stop-after", type=int, default=d.stop_after,
       help="stop after this many steps, keeping the schedule of --steps (0: run to --steps)")
     a("--out", default=d.out, help="run directory: metrics, plots, checkpoints")
-    a("--dion-sync", choices=("auto", "compressed", "ddp"), default=d.dion_sync,
+    a("--dion-sync", choices=("compressed", "ddp"), default=d.dion_sync,
       help="compressed: Dion syncs replicas itself with low-rank factors; ddp: full "
-      "gradient all-reduce; auto: compressed when this torchdion supports it")
+      "gradient all-reduce by DDP")
     a("--sample-chars", type=int, default=d.sample_chars)
     a("--threads", type=int, default=d.threads, help="torch threads per worker; 0 = cores/nproc")
     a("--no-progress", dest="progress", action="store_false")

@@ -49,7 +49,7 @@ class TrainConfig:
     resume: bool = False
     stop_after: int = 0  # stop once this many steps are done (0: at --steps); splits a run
     out: str = "runs/train"
-    dion_sync: str = "auto"  # auto | compressed | ddp
+    dion_sync: str = "compressed"  # compressed | ddp
     sample_chars: int = 300
     progress: bool = True
     plots: bool = True
@@ -93,8 +93,8 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
         raise ValueError(f"--decay must be cosine, linear or none, got {cfg.decay!r}")
     if cfg.optimizer not in optim.OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {optim.OPTIMIZERS}, got {cfg.optimizer!r}")
-    if cfg.dion_sync not in ("auto", "compressed", "ddp"):
-        raise ValueError(f"--dion-sync must be auto, compressed or ddp, got {cfg.dion_sync!r}")
+    if cfg.dion_sync not in ("compressed", "ddp"):
+        raise ValueError(f"--dion-sync must be compressed or ddp, got {cfg.dion_sync!r}")
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must be divisible by the {world} processes")
 

@@ -7,7 +7,6 @@ payload). "Full" is the payload of a plain all-reduce of every gradient, the DDP
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -19,11 +18,6 @@ import torchdion
 OPTIMIZERS = ("dion", "muon", "adamw", "adamw-powersgd")
 DEFAULT_LR = {"dion": 0.02, "muon": 0.02, "adamw": 3e-3, "adamw-powersgd": 3e-3}
 BETAS = (0.9, 0.95)
-
-
-def dion_has_replicate_group() -> bool:
-    """Whether this torchdion's Dion can sync data-parallel replicas itself (compressed)."""
-    return "replicate_group" in inspect.signature(torchdion.Dion).parameters
 
 
 def hidden_matrices(model: nn.Module, head: nn.Module) -> tuple[list, list]:
@@ -85,7 +79,7 @@ def powersgd_payload(params: list[torch.Tensor], rank: int, min_compression_rate
 
 def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
           weight_decay: float, rank_fraction: float, seed: int, world: int,
-          group=None, dion_sync: str = "auto", parallel: str = "ddp",
+          group=None, dion_sync: str = "compressed", parallel: str = "ddp",
           replicate=None) -> Setup:
     """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default).
 
@@ -100,28 +94,15 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
     sync = "ddp" if world > 1 else "none"
     if parallel != "ddp":
         sync = parallel
-    if kind == "dion" and parallel != "ddp":
+    if kind == "dion":
         groups = torchdion.param_groups(
             model, head=head, dion=dict(rank_fraction=rank_fraction),
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
-        kwargs = {"replicate_group": replicate} if replicate is not None else {}
-        opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
-                               **kwargs)]
-    elif kind == "dion":
-        groups = torchdion.param_groups(
-            model, head=head, dion=dict(rank_fraction=rank_fraction),
-            embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
-        kwargs = {}
-        compressed = world > 1 and dion_sync != "ddp" and (
-            dion_sync == "compressed" or dion_has_replicate_group())
-        if compressed:
-            if not dion_has_replicate_group():
-                raise NotImplementedError(
-                    "this torchdion's Dion has no replicate_group argument yet; "
-                    "use --dion-sync ddp")
+        if parallel == "ddp" and world > 1 and dion_sync == "compressed":
             import torch.distributed as dist
-            kwargs["replicate_group"] = group or dist.group.WORLD
+            replicate = group or dist.group.WORLD
             sync = "dion-compressed"
+        kwargs = {"replicate_group": replicate} if replicate is not None else {}
         opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
                                **kwargs)]
     elif kind == "muon":
