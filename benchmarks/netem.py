@@ -31,8 +31,9 @@ tensors handed to torch.distributed.all_reduce; for Dion also checked against op
 and bytes on the wire (the veth's tx counter, headers included). Communication time per step is
 measured two ways: the step time minus the same arm's step time on the unshaped link
 ("excess", every arm), and the time spent inside blocking all_reduce calls, fastest rank
-(Dion compressed only: DDP overlaps its collectives with the backward). Both are set next to
-torchdion.plan's alpha-beta prediction for the same collectives.
+(Dion compressed only: DDP overlaps its collectives with the backward; Dion's whole-gradient
+bucket is asynchronous, overlapped with its factor computation, and not in that figure). Both
+are set next to torchdion.plan's alpha-beta prediction for the same collectives.
 
     sudo .venv/bin/python benchmarks/netem.py --markdown benchmarks/results/netem.md
     sudo .venv/bin/python benchmarks/netem.py --rates 100mbit --arms ddp-adamw dion-16 --steps 3
@@ -593,7 +594,8 @@ def planner_lines(results: dict, rates: list[str], arms: list[str]) -> list[str]
            "`plan.collective_time`. Measured: *excess* = step time minus the same arm's on the "
            "unshaped veth, compared with the planner's time at the rate minus its time at the "
            "unshaped veth's measured all-reduce bandwidth; *in all_reduce* = time inside "
-           "blocking all_reduce calls, fastest rank (Dion compressed: no overlap with compute), "
+           "blocking all_reduce calls, fastest rank (Dion compressed: its P and R exchanges; the "
+           "whole-gradient bucket is asynchronous and not included), "
            "compared with the planner's time at the rate. Ratio = measured / predicted; within "
            "25%: 0.75 to 1.25.", "",
            "| arm | link | planner payload MB (measured) | planner s | measured excess s "
