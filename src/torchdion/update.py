@@ -138,10 +138,6 @@ class DionStep:
     R_own: Tensor
     mu: float
 
-    @property
-    def M(self) -> Tensor:
-        return torch.baddbmm(self.B, self.P_fb, self.R_own.mT, alpha=-(1 - self.mu))
-
     def write_momentum(self, i: int, out: Tensor) -> None:
         """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
 
