@@ -134,7 +134,7 @@ def gloo(rank: int, world: int, store: str, out: str) -> None:
     with open(out, "w") as f:
         json.dump(results, f)
     dist.barrier()
-    dist.destroy_process_group()
+    dw.exit_without_teardown()
 
 
 if __name__ == "__main__":
