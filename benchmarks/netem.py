@@ -29,11 +29,13 @@ Measured per step, after warm-up, median over steps: wall time (each step starts
 the step's time is the slowest rank's forward + backward + optimizer step), payload bytes (the
 tensors handed to torch.distributed.all_reduce; for Dion also checked against opt.comm_stats()),
 and bytes on the wire (the veth's tx counter, headers included). Communication time per step is
-measured two ways: the step time minus the same arm's step time on the unshaped link
-("excess", every arm), and the time spent inside blocking all_reduce calls, fastest rank
-(Dion compressed only: DDP overlaps its collectives with the backward; Dion's whole-gradient
-bucket is asynchronous, overlapped with its factor computation, and not in that figure). Both
-are set next to torchdion.plan's alpha-beta prediction for the same collectives.
+measured three ways: the last step's all-reduces replayed on their own, back to back ("replayed",
+every arm: what the planner predicts); the time spent inside blocking all_reduce calls during
+the step, fastest rank ("in step", Dion compressed only: DDP overlaps its collectives with the
+backward, and Dion's whole-gradient bucket is asynchronous, overlapped with its factor
+computation); and the step time minus the same arm's step time on the unshaped link ("excess",
+what overlap leaves exposed). Each is set next to torchdion.plan's alpha-beta prediction for
+the same collectives.
 
     sudo .venv/bin/python benchmarks/netem.py --markdown benchmarks/results/netem.md
     sudo .venv/bin/python benchmarks/netem.py --rates 100mbit --arms ddp-adamw dion-16 --steps 3
@@ -198,6 +200,7 @@ def run_arm(arm: str, rate: str, args: argparse.Namespace, out_dir: Path, port: 
                    "--layers", str(args.layers), "--d-model", str(args.d_model),
                    "--batch", str(args.batch), "--seq", str(args.seq),
                    "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--replays", str(args.replays),
                    "--probe-mb", str(args.probe_mb),
                    "--self-destruct", str(timeout + 30)]
             log = open(out_dir / f"{arm}.{rate}.{r}.log", "w")
@@ -406,10 +409,10 @@ def worker(args: argparse.Namespace) -> None:
                           payload=sum(n * s for n, s in counting["calls"]), ledger=ledger,
                           loss=loss.item()))
     rx, tx = net_counters()
-    dist.barrier()
+    replayed = replay(steps[-1]["calls"], plain_all_reduce, args.replays)
     result = dict(
         rank=rank, arm=arm, rate=args.rate, hop_latency=hop_latency, probe=probe,
-        steps=steps[args.warmup:],
+        steps=steps[args.warmup:], replayed=replayed,
         tx_per_step=(tx - counters[1]) / args.steps, rx_per_step=(rx - counters[0]) / args.steps,
         # as torchdion.param_groups sorts them: which tensors Dion treats as matrices
         params=[[p.name, list(p.shape), p.matrix, p.itemsize]
@@ -417,6 +420,25 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(result))
     dist.destroy_process_group()
     os._exit(0)  # the self-destruct timer thread must not keep us alive
+
+
+def replay(calls: list, all_reduce, repeats: int) -> list[float]:
+    """Seconds to run a step's all-reduces again, in order and back to back, on their own:
+    the step's communication without the compute it overlaps or waits for."""
+    import torch
+    import torch.distributed as dist
+
+    dtypes = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+    buffers = [torch.zeros(n, dtype=dtypes[size]) for n, size in calls]
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for b in buffers:
+            all_reduce(b)
+        times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return times
 
 
 # ------------------------------------------------------------------------------ the analysis
@@ -465,6 +487,8 @@ def summarize(ranks: list[dict]) -> dict[str, Any]:
     per_step = [max(r["steps"][i]["time"] for r in ranks) for i in range(n)]
     # The fastest rank's time in blocking all-reduces: slower ranks also wait there for it.
     blocking = [min(r["steps"][i]["blocking"] for r in ranks) for i in range(n)]
+    # Likewise per replay: the rank that left the barrier last waited for nobody.
+    replayed = [min(r["replayed"][i] for r in ranks) for i in range(len(ranks[0]["replayed"]))]
     payloads = sorted({s["payload"] for r in ranks for s in r["steps"]})
     ledgers = sorted({s["ledger"] for r in ranks for s in r["steps"] if s["ledger"] is not None})
     if arm in ("dion-4", "dion-16") and ledgers != payloads:
@@ -472,7 +496,8 @@ def summarize(ranks: list[dict]) -> dict[str, Any]:
     probe = [r["probe"] for r in ranks if r.get("probe")]
     return dict(
         arm=arm, step=statistics.median(per_step), steps=per_step,
-        blocking=statistics.median(blocking), payload=payloads[-1],
+        blocking=statistics.median(blocking), replayed=statistics.median(replayed),
+        payload=payloads[-1],
         ledger=ledgers[-1] if ledgers else None,
         collectives=len(ranks[0]["steps"][-1]["calls"]), calls=ranks[0]["steps"][-1]["calls"],
         wire=statistics.mean(r["tx_per_step"] for r in ranks),
@@ -589,18 +614,23 @@ def planner_lines(results: dict, rates: list[str], arms: list[str]) -> list[str]
            "Planner: `torchdion.plan.predict_comm_time(params, 4, bandwidth, latency, optimizer)` "
            "(ring all-reduce alpha-beta model; params from `plan.params_from_module`, so the "
            "same tensors are matrices as in `param_groups`) with bandwidth = the tbf rate / 8 "
-           "and latency = the one-hop latency measured in the same run. PowerSGD is not in the "
-           "planner: its row prices the all-reduces the hook issued with "
-           "`plan.collective_time`. Measured: *excess* = step time minus the same arm's on the "
-           "unshaped veth, compared with the planner's time at the rate minus its time at the "
-           "unshaped veth's measured all-reduce bandwidth; *in all_reduce* = time inside "
-           "blocking all_reduce calls, fastest rank (Dion compressed: its P and R exchanges; the "
-           "whole-gradient bucket is asynchronous and not included), "
-           "compared with the planner's time at the rate. Ratio = measured / predicted; within "
-           "25%: 0.75 to 1.25.", "",
-           "| arm | link | planner payload MB (measured) | planner s | measured excess s "
-           "| excess / planner excess | in all_reduce s | in all_reduce / planner |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "(nominal, not the measured all-reduce bandwidth) and latency = the one-hop latency "
+           "measured in the same run. PowerSGD is not in the planner: its row prices the "
+           "all-reduces the hook issued with `plan.collective_time`. Ratio = measured / "
+           "predicted; within 25%: 0.75 to 1.25.", "",
+           "Measured three ways. *Replayed*: after the timed steps every rank runs the last "
+           "step's all-reduces again (same sizes and order, back to back, blocking), median of "
+           "the replays, the rank that left the starting barrier last; this is the quantity the "
+           "planner predicts. *In step*: time inside blocking all_reduce calls during the step, "
+           "fastest rank (Dion compressed only: its P and R exchanges; the whole-gradient bucket "
+           "is asynchronous and not included, and DDP overlaps all of its all-reduces with the "
+           "backward). *Excess*: step time minus the same arm's on the unshaped veth, against "
+           "the planner's time at the rate minus its time at the unshaped veth's measured "
+           "all-reduce bandwidth; what overlap leaves exposed, so below 1 where the arm "
+           "overlaps.", "",
+           "| arm | link | planner payload MB (measured) | planner s | replayed s | replayed / "
+           "planner | in step s | in step / planner | excess s | excess / planner excess |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rate in rates:
         if rate == UNLIMITED:
             continue
@@ -612,15 +642,16 @@ def planner_lines(results: dict, rates: list[str], arms: list[str]) -> list[str]
             payload = (f"{sum(c.nbytes for c in coll) / MB:.2f} ({s['payload'] / MB:.2f})"
                        if coll is not None else f"- ({s['payload'] / MB:.2f})")
             pred = predict(arm, s, rate_bits(rate) / 8, s["hop_latency"])
-            cells = [LABELS[arm], rate_label(rate), payload, f"{pred:.3f}"]
+            cells = [LABELS[arm], rate_label(rate), payload, f"{pred:.3f}",
+                     f"{s['replayed']:.3f}", within(s["replayed"], pred)]
+            if arm in ("dion-4", "dion-16"):
+                cells += [f"{s['blocking']:.3f}", within(s["blocking"], pred)]
+            else:
+                cells += ["-", "-"]
             if b and b.get("probe_bw_run"):
                 pred_base = predict(arm, b, b["probe_bw_run"], b["hop_latency"])
                 excess = s["step"] - b["step"]
                 cells += [f"{excess:.3f}", within(excess, pred - pred_base)]
-            else:
-                cells += ["-", "-"]
-            if arm in ("dion-4", "dion-16"):
-                cells += [f"{s['blocking']:.3f}", within(s["blocking"], pred)]
             else:
                 cells += ["-", "-"]
             out.append("| " + " | ".join(cells) + " |")
@@ -646,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3, help="PowerSGD compresses from step 2")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--replays", type=int, default=3,
+                    help="times the last step's all-reduces are replayed on their own")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole run")
     ap.add_argument("--arm-timeout", type=float, default=300, help="seconds for one arm")
     ap.add_argument("--markdown", help="write the results here")

@@ -43,6 +43,13 @@ def test_tiny_run_on_a_shaped_link(tmp_path):
     text = md.read_text()
     assert "| Dion compressed, rank 1/16 |" in text
     assert "Runs that did not finish" not in text
+    # the communication-time table: planner seconds, then the replayed collectives' seconds
+    row = next(line for line in text.splitlines()
+               if line.startswith("| Dion compressed, rank 1/16 | 100 Mbit/s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    planner, replayed = float(cells[3]), float(cells[4])
+    assert planner > 0 and replayed > 0
+    assert cells[5].startswith(f"{replayed / planner:.2f}")
     assert not _leftovers()
 
 
