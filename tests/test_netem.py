@@ -49,7 +49,10 @@ def test_tiny_run_on_a_shaped_link(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     planner, replayed = float(cells[3]), float(cells[4])
     assert planner > 0 and replayed > 0
-    assert cells[5].startswith(f"{replayed / planner:.2f}")
+    ratio, verdict = cells[5].split()
+    # the table rounds seconds to 1 ms: the ratio agrees within that rounding
+    assert abs(float(ratio) * planner - replayed) <= 0.0006 * (1 + float(ratio)) + 0.005 * replayed
+    assert verdict == ("(yes)" if abs(float(ratio) - 1) <= 0.25 else "(no)")
     assert not _leftovers()
 
 
