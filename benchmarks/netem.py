@@ -367,24 +367,13 @@ def worker(args: argparse.Namespace) -> None:
 
     # One hop's latency as gloo sees it: a 1-element all-reduce is 2 (W - 1) hops on a ring.
     tiny = torch.zeros(1)
-    for _ in range(5):
-        plain_all_reduce(tiny)
-    lat = []
-    for _ in range(30):
-        t0 = time.perf_counter()
-        plain_all_reduce(tiny)
-        lat.append(time.perf_counter() - t0)
+    lat = seconds(lambda: plain_all_reduce(tiny), repeats=30, warmup=5)
     hop_latency = statistics.median(lat) / (2 * (WORLD - 1))
     probe = None
     if args.probe_mb:
         # Bus bandwidth of one large all-reduce: the ring's wire bytes per rank over its time.
         big = torch.zeros(int(args.probe_mb * MB / 4))
-        plain_all_reduce(big)
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            plain_all_reduce(big)
-            times.append(time.perf_counter() - t0)
+        times = seconds(lambda: plain_all_reduce(big), repeats=2, warmup=1)
         probe = 2 * (WORLD - 1) / WORLD * big.numel() * 4 / min(times)
 
     gen = torch.Generator().manual_seed(1000 + rank)  # each replica its own data
@@ -422,6 +411,18 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)  # the self-destruct timer thread must not keep us alive
 
 
+def seconds(fn, repeats: int, warmup: int = 0) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of fn, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def replay(calls: list, all_reduce, repeats: int) -> list[float]:
     """Seconds to run a step's all-reduces again, in order and back to back, on their own:
     the step's communication without the compute it overlaps or waits for."""
@@ -433,10 +434,7 @@ def replay(calls: list, all_reduce, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        t0 = time.perf_counter()
-        for b in buffers:
-            all_reduce(b)
-        times.append(time.perf_counter() - t0)
+        times += seconds(lambda: [all_reduce(b) for b in buffers], repeats=1)
     dist.barrier()
     return times
 
