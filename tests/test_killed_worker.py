@@ -106,3 +106,16 @@ def test_killed_worker_under_torchrun_restarts(uninterrupted, tmp_path):
     log = _run(TORCHRUN, run, _kill(10, rank=1))
     assert f"resuming from {run / 'checkpoints' / 'step_000008'}" in log
     _assert_same_run(run, uninterrupted, tmp_path)
+
+
+def test_single_worker_restarts_and_matches_in_process_run(tmp_path):
+    # --nproc 1 runs in this process; with --max-restarts it runs as one child that can be restarted
+    single = [sys.executable, "-m", "torchdion.train.cli", "--nproc", "1"]
+    reference = tmp_path / "in_process"
+    _run(single, reference)
+    run = tmp_path / "restarted"
+    log = _run([*single, "--max-restarts", "1"], run, _kill(10, rank=0))
+    assert "process 0 terminated with signal SIGKILL" in log
+    assert "restarting the worker (1 of 1)" in log
+    assert f"resuming from {run / 'checkpoints' / 'step_000008'}" in log
+    _assert_same_run(run, reference, tmp_path)

@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     a("--nproc", type=int, default=d.nproc, help="workers to start (ignored under torchrun)")
     a("--max-restarts", type=int, default=0,
       help="when a worker dies, stop the others and start all again from the newest checkpoint, "
-      "up to this many times (--nproc > 1; under torchrun use its own --max-restarts)")
+      "up to this many times (with --nproc 1 the worker runs in a child process; under "
+      "torchrun use its own --max-restarts)")
     a("--parallel", choices=PARALLEL, default=d.parallel)
     a("--optimizer", choices=optim.OPTIMIZERS, default=d.optimizer)
     a("--rank-fraction", type=float, default=d.rank_fraction,

@@ -72,7 +72,8 @@ def run(fn: Callable, nproc: int, threads: int, args: tuple = (), max_restarts: 
     ``nproc`` > 1 spawns that many workers on this machine, meeting at a file store in a fresh
     temporary directory (no port to clash); when one exits abnormally the others are terminated
     and, up to ``max_restarts`` times, all are started again (``restart_count()`` tells them).
-    ``nproc`` == 1 runs here without a process group.
+    ``nproc`` == 1 runs here without a process group, unless restarts are asked for: then it is
+    one spawned worker, so that a crash of it leaves this process alive to start it again.
     """
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -92,7 +93,7 @@ def run(fn: Callable, nproc: int, threads: int, args: tuple = (), max_restarts: 
         finally:
             dist.destroy_process_group()
         return
-    if nproc == 1:
+    if nproc == 1 and max_restarts == 0:
         _threads(1, threads)
         fn(0, 1, _device(0), *args)
         return
@@ -109,6 +110,6 @@ def run(fn: Callable, nproc: int, threads: int, args: tuple = (), max_restarts: 
             except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
                 if attempt == max_restarts:
                     raise
-                print(f"torchdion-train: {str(e).rstrip()}\ntorchdion-train: restarting all "
-                      f"{nproc} workers ({attempt + 1} of {max_restarts})", file=sys.stderr,
-                      flush=True)
+                who = "the worker" if nproc == 1 else f"all {nproc} workers"
+                print(f"torchdion-train: {str(e).rstrip()}\ntorchdion-train: restarting {who} "
+                      f"({attempt + 1} of {max_restarts})", file=sys.stderr, flush=True)
