@@ -414,7 +414,9 @@ def main() -> None:
 def exit_without_teardown() -> None:
     """Leave without interpreter finalization: in about 1 run in 6, a gloo-backed process group
     still referenced by meshes and models aborted there ("terminate called without an active
-    exception", no Python frame) after all work and the results file were complete."""
+    exception", no Python frame) after all work and the results file were complete. It is torch's:
+    gloo's worker threads can still hold finished work whose tensors are released during
+    finalization (pytorch/pytorch pull request 179291, an atexit fix that was abandoned)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
