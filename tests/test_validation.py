@@ -72,6 +72,18 @@ def test_unknown_group_key_raises():
     torchdion.Dion([{"params": [_matrix()], "initial_lr": 0.1, "name": "hidden"}])
 
 
+@pytest.mark.parametrize("algorithm", ["dion", "adamw", "lion"])
+def test_complex_parameters_refused(algorithm):
+    c = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    expected = r"param_groups\[0\]\.params\[1\] must be a real floating-point.*complex64"
+    with pytest.raises(ValueError, match=expected):
+        torchdion.Dion([{"params": [_matrix(), c], "algorithm": algorithm}])
+    opt = torchdion.Dion([_matrix()])
+    with pytest.raises(ValueError, match="complex64"):
+        opt.add_param_group({"params": [c], "algorithm": algorithm})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize("algorithm", ["adamw", "lion"])
 def test_vectors_need_elementwise_group(algorithm):
     v = torch.nn.Parameter(torch.randn(5))

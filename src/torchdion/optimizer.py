@@ -190,9 +190,14 @@ class Dion(Optimizer):
         group = self.param_groups[-1]
         try:
             # torch only warns; a repeated parameter would be stepped twice per step
+            where = f"param_groups[{len(self.param_groups) - 1}].params"
             if len({id(p) for p in group["params"]}) != len(group["params"]):
-                raise ValueError(f"param_groups[{len(self.param_groups) - 1}].params lists a "
-                                 "parameter more than once")
+                raise ValueError(f"{where} lists a parameter more than once")
+            for j, p in enumerate(group["params"]):
+                # complex would need conjugate transposes (Dion) and |g|^2 (AdamW) throughout
+                if not p.dtype.is_floating_point:
+                    raise ValueError(f"{where}[{j}] must be a real floating-point tensor, got "
+                                     f"{p.dtype}")
             if group["algorithm"] == "dion":
                 for p in group["params"]:  # shapes and placements fail here, not mid-step
                     self.layout(p, group)
