@@ -137,3 +137,13 @@ def test_flatten_equals_explicit_reshape(shape, method):
     assert torch.equal(s4["Q"], s2["Q"])
     b = min(shape[0], math.prod(shape[1:]))
     assert s4["Q"].shape == (b, math.ceil(b / 2))
+
+
+def test_sparse_gradient_refused_by_name():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = torchdion.Dion([{"params": [emb.weight], "algorithm": "adamw"}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before)

@@ -383,7 +383,8 @@ class Dion(Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise ValueError("Dion does not support sparse gradients")
+                    raise ValueError(f"{self._name(p)} has a sparse gradient; Dion needs "
+                                     "dense ones (nn.Embedding(sparse=False))")
                 with_grad.append(p)
             if group["algorithm"] == "dion":
                 for p in with_grad:
