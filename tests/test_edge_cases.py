@@ -92,6 +92,24 @@ def test_parameters_without_gradients():
     assert not torch.equal(ps[2].detach(), weights[2])
 
 
+def test_frozen_parameters_get_no_state():
+    ps, opt, gen = _mixed()
+    ps[1].requires_grad_(False)
+    ps[3].requires_grad_(False)
+    _, weights, _ = _snapshot(opt)
+    for i in (0, 2):
+        ps[i].grad = torch.randn(ps[i].shape, generator=gen)
+    opt.step()
+    assert not opt.state[ps[1]] and not opt.state[ps[3]]
+    assert torch.equal(ps[1].detach(), weights[1]) and torch.equal(ps[3].detach(), weights[3])
+    assert {i for i, st in opt.state_dict()["state"].items() if st} == {0, 2}
+    ps[1].requires_grad_(True)  # unfrozen: it gets its state and trains from then on
+    ps[1].grad = torch.randn(ps[1].shape, generator=gen)
+    opt.step()
+    assert opt.state[ps[1]]["step"] == 1
+    assert not torch.equal(ps[1].detach(), weights[1])
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("which", [0, 1, 2, 3])
 @pytest.mark.parametrize("method", METHODS)

@@ -377,7 +377,10 @@ class Dion(Optimizer):
         for gi, group in enumerate(self.param_groups):
             with_grad = []
             for p in group["params"]:
-                if not self.state[p]:
+                # Every trainable parameter gets its state at the first step, gradient or not, so
+                # that a step without gradients builds what a checkpoint is loaded into; a frozen
+                # one (requires_grad=False) gets none until it has a gradient.
+                if not self.state[p] and (p.requires_grad or p.grad is not None):
                     index = index or self._param_index()
                     self._init_state(p, group, index[p])
                 if p.grad is None:
