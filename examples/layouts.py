@@ -17,10 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import torchdion
+from torchdion.parallel import fsdp_beside_tp
 
 
 def mlp() -> nn.Sequential:
@@ -52,11 +52,7 @@ def build(layout: str, world: int, device: str):
         mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("dp", "tp"))
         model = parallelize_module(mlp().to(device), mesh["tp"], TP_PLAN)
 
-        def other_dim(p):  # FSDP shards the matrix dim TP leaves whole
-            tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
-            return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
-
-        fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
+        fully_shard(model, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
         return model, {}, mesh["dp"].get_local_rank()
     raise ValueError(f"--layout: unknown layout {layout!r}")
 

@@ -20,11 +20,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import torchdion
 from torchdion.orthogonalize import sketch_rows
+from torchdion.parallel import fsdp_beside_tp
 from torchdion.update import dion_rank
 
 STEPS = 10
@@ -153,14 +154,9 @@ def fsdp_tp(world, rank):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     model = parallelize_module(make_net(), mesh["tp"], tp_plan())
 
-    def other_dim(p):
-        # FSDP shards the dim that TP leaves whole, so each matrix dim has one sharding group.
-        tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
-        return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
-
     for name in ("w1", "w2", "norm", "w3", "w4", "w5", "w6"):
-        fully_shard(getattr(model, name), mesh=mesh["dp"], shard_placement_fn=other_dim)
-    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
+        fully_shard(getattr(model, name), mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
+    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
     dp_rank = mesh["dp"].get_local_rank()
     share = GLOBAL_BATCH // 2
     return model, {}, slice(dp_rank * share, (dp_rank + 1) * share)

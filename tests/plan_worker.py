@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+from torchdion.parallel import fsdp_beside_tp
 from torchdion.plan import DionConfig, Parallelism, dion_collectives, ledger, params_from_module
 
 
@@ -44,14 +45,10 @@ def hsdp_tp(world, rank):
     mesh = init_device_mesh("cpu", (2, 2, world // 4), mesh_dim_names=("rep", "shard", "tp"))
     model = parallelize_module(dw.make_net(), mesh["tp"], dw.tp_plan())
 
-    def other_dim(p):
-        tp = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
-        return Shard(1 if tp == [0] and p.ndim == 2 else 0)
-
     for name in ("w1", "w2", "norm", "w3", "w4", "w5", "w6"):
         fully_shard(getattr(model, name), mesh=mesh["rep", "shard"],
-                    shard_placement_fn=other_dim)
-    fully_shard(model, mesh=mesh["rep", "shard"], shard_placement_fn=other_dim)
+                    shard_placement_fn=fsdp_beside_tp)
+    fully_shard(model, mesh=mesh["rep", "shard"], shard_placement_fn=fsdp_beside_tp)
     return model, dict(replicate_group=mesh["rep"]), slice(0, dw.GLOBAL_BATCH)
 
 

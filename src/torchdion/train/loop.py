@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..parallel import fsdp_beside_tp
 from . import ckpt, launch, optim
 from .data import batch_windows, load_data
 from .model import GPT, GPTConfig
@@ -176,18 +177,13 @@ def fsdp_tp(model, world: int, device) -> int:
     """TP over world/2 inside FSDP2 over 2; FSDP shards the matrix dim TP leaves whole.
     Returns this rank's data shard (its FSDP coordinate)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
 
     mesh = init_mesh(device, (2, world // 2), ("dp", "tp"))
     tensor_parallel(model, mesh["tp"])
 
-    def other_dim(p):
-        tp_dims = [pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)]
-        return Shard(1 if tp_dims == [0] and p.ndim == 2 else 0)
-
     for blk in model.blocks:
-        fully_shard(blk, mesh=mesh["dp"], shard_placement_fn=other_dim)
-    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=other_dim)
+        fully_shard(blk, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
+    fully_shard(model, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
     return mesh["dp"].get_local_rank()
 
 
