@@ -1,4 +1,4 @@
-"""Column orthonormalization of the thin factor P, shape (batch, a, r).
+"""Column orthonormalization of the thin factor P, shape (*batch, a, r), per matrix.
 
 Each method is a generator: it yields a :class:`~torchdion.reduce.Reduce` for every sum that
 runs over the rows of P (the long side, which a layout may shard) and receives the completed
@@ -71,7 +71,7 @@ def cholesky_qr(
         shift = torch.finfo(G.dtype).eps * r * G.diagonal(dim1=-2, dim2=-1).mean(-1)
         shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
         eye = torch.eye(r, dtype=G.dtype, device=G.device)
-        L = torch.linalg.cholesky_ex(G + shift[:, None, None] * eye).L
+        L = torch.linalg.cholesky_ex(G + shift[..., None, None] * eye).L
     return _solve_upper_right(L.mT, P, overwrite), failed
 
 
@@ -111,7 +111,7 @@ def orthonormalize(
         if not failed.any():
             return Pc
         Pr, _ = yield from randomized_qr(P, sketch, overwrite)
-        return torch.where(failed[:, None, None], Pr, Pc)
+        return torch.where(failed[..., None, None], Pr, Pc)
     if method == "randomized":
         return (yield from randomized_qr(P, sketch, overwrite))[0]
     raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")

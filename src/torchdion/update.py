@@ -1,7 +1,9 @@
 """Dion's per-matrix math on local blocks, with no knowledge of processes.
 
-Everything is batched: a leading dimension stacks matrices of equal local shape. Tensors are in
-the canonical orientation (the long side first) and in the compute dtype (fp32 or fp64).
+Everything is batched: any number of leading dimensions stack independent matrices of equal local
+shape (a batch of parameters, and within a stacked parameter its experts); every product,
+factorization, norm and decision is per matrix. Tensors are in the canonical orientation (the
+long side first) and in the compute dtype (fp32 or fp64).
 Sums that a layout may split are yielded as :class:`~torchdion.reduce.Reduce` requests.
 """
 
@@ -38,12 +40,14 @@ def lr_scale_factor(kind: str, m: int, n: int) -> float:
     raise ValueError(f"lr_scale must be 'spectral', 'rms' or 'none', got {kind!r}")
 
 
-def initial_q(b: int, r: int, seed: int, index: int, dtype: torch.dtype) -> Tensor:
-    """The starting Q for parameter number ``index``: Gaussian with unit columns, from ``seed``
-    alone, so every process builds the same one without communicating."""
+def initial_q(b: int, r: int, seed: int, index: int, dtype: torch.dtype,
+              batch: tuple[int, ...] = ()) -> Tensor:
+    """The starting Q, shape (*batch, b, r), for parameter number ``index``: Gaussian with unit
+    columns, from ``seed`` alone, so every process builds the same one without communicating
+    (and slices out the experts and rows it holds)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    Q = torch.randn(b, r, generator=gen, dtype=torch.float64)
-    return (Q / Q.norm(dim=0, keepdim=True)).to(dtype)
+    Q = torch.randn(*batch, b, r, generator=gen, dtype=torch.float64)
+    return (Q / Q.norm(dim=-2, keepdim=True)).to(dtype)
 
 
 class Workspace:
@@ -99,15 +103,35 @@ def accumulate(momenta: list[Tensor], grads: list[Tensor], dtype: torch.dtype,
 
 
 def _all_finite(t: Tensor) -> Tensor:
-    """Per batch entry, whether every element is finite.
+    """Per matrix (over the last two dims), whether every element is finite.
 
     A sum is finite exactly when its terms are, unless it overflows; only then is the exact (and
     several times slower) elementwise test run.
     """
-    ok = torch.isfinite(t.sum(tuple(range(1, t.ndim))))
+    ok = torch.isfinite(t.sum((-2, -1)))
     if not bool(ok.all()):
-        ok = torch.isfinite(t).flatten(1).all(1)
+        ok = torch.isfinite(t).flatten(-2).all(-1)
     return ok
+
+
+def _gemm(out: Tensor, C: Tensor, X: Tensor, Y: Tensor, beta: float, alpha: float) -> None:
+    """out = beta C + alpha X Y for one matrix or a stack of them (any leading dims).
+
+    ``C`` may be ``out`` itself (an in-place update). Leading dims are folded into one so that a
+    stack runs as one batched gemm; ``out`` must allow that as a view (a canonical view of a
+    parameter or its state does).
+    """
+    if X.ndim == 2:
+        if C is out:
+            out.addmm_(X, Y, beta=beta, alpha=alpha)
+        else:
+            torch.addmm(C, X, Y, beta=beta, alpha=alpha, out=out)
+        return
+    fold = (lambda t: t.reshape(-1, *t.shape[-2:])) if X.ndim > 3 else (lambda t: t)
+    if C is out:
+        fold(out).baddbmm_(fold(X), fold(Y), beta=beta, alpha=alpha)
+    else:
+        torch.baddbmm(fold(C), fold(X), fold(Y), beta=beta, alpha=alpha, out=fold(out))
 
 
 def _contiguous_orientation(t: Tensor) -> bool | None:
@@ -123,10 +147,12 @@ def _contiguous_orientation(t: Tensor) -> bool | None:
 class DionStep:
     """What one Dion step produced for a batch of matrices (canonical orientation).
 
-    The weight update direction is ``P @ Q.mT``. ``ok`` is False where a non-finite value appeared;
-    such entries must not be written. ``moved`` is False where B Q vanished (all-zero momentum):
-    P is zero there and Q is the old Q. The new momentum B - (1 - mu) P_fb R_own^T is formed
-    only when written (:meth:`write_momentum`), straight into the state.
+    Every field has the batch's leading dims; ``i`` below indexes them (an int, or a tuple that
+    picks one matrix inside a stacked parameter). The weight update direction is ``P @ Q.mT``.
+    ``ok`` is False where a non-finite value appeared; such entries must not be written.
+    ``moved`` is False where B Q vanished (all-zero momentum): P is zero there and Q is the old
+    Q. The new momentum B - (1 - mu) P_fb R_own^T is formed only when written
+    (:meth:`write_momentum`), straight into the state.
     """
 
     P: Tensor
@@ -148,11 +174,13 @@ class DionStep:
         B, P, R = self.B[i], self.P_fb[i], self.R_own[i]
         flip = _contiguous_orientation(out)
         if out.dtype != B.dtype or flip is None:
-            out.copy_(torch.addmm(B, P, R.mT, alpha=alpha))
+            new = torch.empty_like(B)
+            _gemm(new, B, P, R.mT, 1.0, alpha)
+            out.copy_(new)
         elif flip:
-            torch.addmm(B.mT, R, P.mT, alpha=alpha, out=out.mT)
+            _gemm(out.mT, B.mT, R, P.mT, 1.0, alpha)
         else:
-            torch.addmm(B, P, R.mT, alpha=alpha, out=out)
+            _gemm(out, B, P, R.mT, 1.0, alpha)
 
     def apply_update(self, i: int, A: Tensor, alpha: float, decay: float) -> None:
         """A = decay * A + alpha * P Q^T for ``A`` a canonical view of the weight, in place.
@@ -166,9 +194,9 @@ class DionStep:
                 A.mul_(decay)
             A.add_(P @ Q.mT, alpha=alpha)
         elif flip:
-            A.mT.addmm_(Q, P.mT, beta=decay, alpha=alpha)
+            _gemm(A.mT, A.mT, Q, P.mT, decay, alpha)
         else:
-            A.addmm_(P, Q.mT, beta=decay, alpha=alpha)
+            _gemm(A, A, P, Q.mT, decay, alpha)
 
 
 def dion_update(
@@ -181,7 +209,7 @@ def dion_update(
     sketch: Tensor | None,
     power_iters: int = 1,
 ) -> Generator[Reduce, Tensor, DionStep]:
-    """One Dion step for B = M + G, shape (batch, a, b), and Q, shape (batch, b, r).
+    """One Dion step for B = M + G, shape (*batch, a, b), and Q, shape (*batch, b, r).
 
         P = orthonormalize(B Q)          summed over columns and replicas
         R = B^T P                         summed over rows (this replica's R_i), then replicas
@@ -201,10 +229,10 @@ def dion_update(
         R = yield Reduce(R_own, ("replica",), "R")
         norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
-    ok = _all_finite(P) & torch.isfinite(norm_sq).all(1)
+    ok = _all_finite(P) & torch.isfinite(norm_sq).all(-1)
     moved = norm_sq.sum(-1) > 0
     P_out, Q_out = P, Q
     if not bool(moved.all()):
-        keep = ~moved[:, None, None]
+        keep = ~moved[..., None, None]
         P_out, Q_out = torch.where(keep, 0.0, P), torch.where(keep, Q_old, Q)
     return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu)
