@@ -1,6 +1,7 @@
-"""A plain float64 reference of Dion's update (DESIGN.md section 1), written from the equations.
+"""Plain float64 references of Dion's and Dion2's updates, written from the papers' equations.
 
-Nothing here calls torchdion. One matrix, one device, exact Householder QR.
+Nothing here calls torchdion. One matrix, one device; Dion with exact Householder QR, Dion2 in
+X's own orientation (the reference picks rows or columns, not a transposed view).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ def scale(kind: str, m: int, n: int) -> float:
         return math.sqrt(m / n)
     if kind == "rms":
         return 0.2 * math.sqrt(max(m, n))
+    if kind == "muon":
+        return math.sqrt(max(1.0, m / n))
     if kind == "none":
         return 1.0
     raise ValueError(kind)
@@ -82,3 +85,65 @@ def polar(B: Tensor) -> Tensor:
     """U V^T of B's thin SVD."""
     U, _, Vh = torch.linalg.svd(B.to(torch.float64), full_matrices=False)
     return U @ Vh
+
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
+
+
+def newton_schulz(N: Tensor, steps: int, eps: float) -> Tensor:
+    """Newton-Schulz on the wide orientation (k, long side): Y = N / ||N||_F, then
+    Y = a Y + (b W + c W^2) Y with W = Y Y^T, ``steps`` times."""
+    a, b, c = NS_COEFFICIENTS
+    Y = N.to(torch.float64)
+    tall = Y.shape[0] > Y.shape[1]
+    if tall:
+        Y = Y.T
+    Y = Y / max(Y.norm().item(), eps)
+    for _ in range(steps):
+        W = Y @ Y.T
+        Y = a * Y + (b * W + c * W @ W) @ Y
+    return Y.T if tall else Y
+
+
+class ReferenceDion2:
+    """Dion2 for one (m, n) weight: selects rows of X when m < n, else columns (the shorter
+    side's slices), by their L1 norms; ties go to the lower index."""
+
+    def __init__(self, X: Tensor, *, lr: float, mu: float, fraction: float,
+                 weight_decay: float = 0.0, eps: float = 1e-8, lr_scale: str = "spectral",
+                 ns_steps: int = 5, nesterov: bool = False) -> None:
+        self.X = X.detach().to(torch.float64).clone()
+        self.m, self.n = X.shape
+        self.M = torch.zeros_like(self.X)
+        self.rows = self.m < self.n
+        self.k = rank(min(self.m, self.n), fraction, 1)
+        self.lr, self.mu, self.wd, self.eps = lr, mu, weight_decay, eps
+        self.scale = scale(lr_scale, self.m, self.n)
+        self.ns_steps, self.nesterov = ns_steps, nesterov
+        self.selected: list[int] = []
+
+    def _slices(self, t: Tensor) -> Tensor:
+        """t with the selectable slices as columns."""
+        return t.T if self.rows else t
+
+    @property
+    def momentum(self) -> Tensor:
+        return self.M
+
+    def step(self, G: Tensor) -> None:
+        G = G.to(torch.float64)
+        B = self.M + G
+        Bs, Gs = self._slices(B), self._slices(G)
+        norms = [Bs[:, j].abs().sum().item() for j in range(Bs.shape[1])]
+        order = sorted(range(len(norms)), key=lambda j: (-norms[j], j))
+        J = sorted(order[: self.k])
+        N = Bs[:, J]
+        if self.nesterov:
+            N = Gs[:, J] + self.mu * N
+        U = newton_schulz(N, self.ns_steps, self.eps)
+        M = Bs.clone()
+        M[:, J] = self.mu * Bs[:, J]
+        X = self._slices(self.X) * (1 - self.lr * self.wd)
+        X[:, J] -= self.lr * self.scale * U
+        self.M, self.X = self._slices(M).clone(), self._slices(X).clone()
+        self.selected = J
