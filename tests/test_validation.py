@@ -72,6 +72,29 @@ def test_unknown_group_key_raises():
     torchdion.Dion([{"params": [_matrix()], "initial_lr": 0.1, "name": "hidden"}])
 
 
+@pytest.mark.parametrize("flag", sorted(torchdion.optimizer.FRAMEWORK_FLAGS))
+def test_framework_flags_false_or_none_are_ignored_true_raises(flag):
+    """torchtitan and others put torch's implementation switches into every group."""
+    w, v = _matrix(), _matrix()
+    v.data.copy_(w.data)
+    opt = torchdion.Dion([{"params": [w], "param_names": ["w"], flag: False},
+                          {"params": [torch.nn.Parameter(torch.ones(3))], "param_names": ["b"],
+                           flag: None, "algorithm": "adamw"}])
+    twin = torchdion.Dion([v])
+    w.grad = torch.randn(6, 4)
+    v.grad = w.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(w, v)  # ignored: the same step as without the flag
+    assert opt.state_dict()["param_groups"][0][flag] is False
+    with pytest.raises(ValueError, match=rf"param_groups\[2\]\.{flag} must be False or None, "
+                                         r"got True: Dion"):
+        opt.add_param_group({"params": [_matrix()], "param_names": ["x"], flag: True})
+    with pytest.raises(ValueError, match=rf"^param_groups\[0\]\.{flag} must be False or None"):
+        torchdion.Dion([{"params": [_matrix()], flag: 1}])
+    assert len(opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("algorithm", ["dion", "adamw", "lion"])
 def test_complex_parameters_refused(algorithm):
     c = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))

@@ -32,6 +32,17 @@ ALGORITHMS = ("dion", "adamw", "lion")
 LR_SCALES = ("spectral", "rms", "none")
 # Keys LR schedulers and torch itself add to groups; accepted, never required.
 _FOREIGN_KEYS = frozenset({"params", "initial_lr", "name", "param_names"})
+# Implementation switches of torch's optimizers, which frameworks (torchtitan, ...) put into every
+# group. Dion has one implementation, so False or None ("the default") is accepted and ignored;
+# True asks for something Dion does not do, and raises with the reason.
+FRAMEWORK_FLAGS = {
+    "fused": "Dion has no fused kernel (torchtitan: implementation='for-loop')",
+    "foreach": "Dion batches its tensors itself and has no foreach switch "
+               "(torchtitan: implementation='for-loop')",
+    "capturable": "Dion's step is not CUDA-graph capturable",
+    "differentiable": "Dion's step runs under no_grad and is not differentiable",
+    "maximize": "Dion only minimizes; negate the loss instead",
+}
 
 
 def _check(name: str, ok: bool, expected: str, value: Any) -> None:
@@ -41,6 +52,14 @@ def _check(name: str, ok: bool, expected: str, value: Any) -> None:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_framework_flags(group: dict[str, Any], where: str = "") -> None:
+    """Raise ValueError for a framework flag (``fused``, ``foreach``, ...) not False or None."""
+    for key, why in FRAMEWORK_FLAGS.items():
+        value = group.get(key)
+        if value is not None and value is not False:
+            raise ValueError(f"{where}{key} must be False or None, got {value!r}: {why}")
 
 
 def validate_hyperparameters(group: dict[str, Any], where: str = "") -> None:
@@ -99,6 +118,9 @@ class Dion(Optimizer):
     Args:
         params: parameters or parameter groups. Every hyperparameter below except ``seed`` and
             ``raise_on_nonfinite`` can be set per group; an unknown group key raises.
+            ``param_names`` and torch's implementation switches (``fused``, ``foreach``,
+            ``capturable``, ``differentiable``, ``maximize``) are accepted in groups when
+            False or None, as frameworks such as torchtitan put them there; True raises.
         lr: learning rate (Dion and the element-wise algorithms).
         mu: Dion momentum decay of the captured part, in [0, 1).
         rank_fraction: r / min(m, n), in (0, 1].
@@ -178,7 +200,8 @@ class Dion(Optimizer):
     # ----------------------------------------------------------------- groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        unknown = set(param_group) - set(self.defaults) - _FOREIGN_KEYS
+        check_framework_flags(param_group, where=f"param_groups[{len(self.param_groups)}].")
+        unknown = set(param_group) - set(self.defaults) - _FOREIGN_KEYS - set(FRAMEWORK_FLAGS)
         if unknown:
             raise ValueError(
                 f"unknown parameter group key(s) {sorted(unknown)}; known keys: "
