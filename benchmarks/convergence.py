@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from torchdion.train.data import load_data
-from torchdion.train.loop import TrainConfig, train
+from torchdion.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent
 # (name, optimizer, rank fraction)

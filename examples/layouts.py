@@ -21,6 +21,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import torchdion
 from torchdion.parallel import fsdp_beside_tp
+from torchdion.train.launch import exit_without_teardown
 
 
 def mlp() -> nn.Sequential:
@@ -79,9 +80,15 @@ def main() -> None:
         loss.backward()
         opt.step()
     stats = opt.comm_stats()
-    print(f"rank {rank}: loss {loss.item():.4f}, optimizer sent {stats['bytes']} bytes in "
-          f"{stats['collectives']} collectives per step")
-    dist.destroy_process_group()
+    line = (f"rank {rank}: loss {loss.item():.4f}, optimizer sent {stats['bytes']} bytes in "
+            f"{stats['collectives']} collectives per step")
+    # One printer: lines written by several processes to one terminal can run together.
+    lines = [None] * world if rank == 0 else None
+    dist.gather_object(line, lines)
+    if rank == 0:
+        print("\n".join(lines))
+    dist.barrier()
+    exit_without_teardown()  # finalization with a gloo group can abort after all is done
 
 
 if __name__ == "__main__":

@@ -123,7 +123,17 @@ DAMAGE = {
     "garbled_meta_json": (lambda p: (p / "meta.json").write_text("{\"step\": 1,"),
                           r"JSONDecodeError"),
     "deleted_meta_json": (lambda p: (p / "meta.json").unlink(), r"meta\.json"),
+    # A flipped digit in meta.json resumed silently at the wrong step (or with wrong totals).
+    "flipped_digit_meta_json": (lambda p: _edit_meta(p, step=7), r"does not match its meta_sha256"),
+    "meta_json_unchecksummed": (lambda p: _edit_meta(p, meta_sha256=None),
+                                r"has no meta_sha256"),
 }
+
+
+def _edit_meta(path: Path, **changes) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(changes)
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -153,7 +163,23 @@ def _rewrite_checksums(path: Path) -> None:
     """What an attacker does after editing the files: meta.json's checksums match again."""
     meta = json.loads((path / "meta.json").read_text())
     meta["files"] = {f.name: ckpt._sha256(f) for f in path.iterdir() if f.name != "meta.json"}
+    del meta["meta_sha256"]
+    meta["meta_sha256"] = ckpt._meta_sha256(meta)
     (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_step_must_match_the_directory_name(saved, tmp_path):
+    """A whole, self-consistent checkpoint moved to another step's name is refused: resuming it
+    would repeat or skip steps."""
+    path = _copy(saved, tmp_path)
+    moved = path.rename(path.with_name("step_000003"))
+    assert ckpt.latest(moved.parent) == moved
+    model, opt = _setup(1)
+    before = _snapshot(model, opt)
+    with pytest.raises(ckpt.CheckpointError, match="meta.json says step 1, the directory's name "
+                       "says 3"):
+        ckpt.load(moved, model, [opt])
+    assert _same(before, _snapshot(model, opt))
 
 
 def _hostile_metadata(path: Path) -> None:

@@ -11,8 +11,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from torchdion.train import cli
+from torchdion.train.config import TrainConfig, check
 from torchdion.train.data import batch_windows, clean_play, load_data
-from torchdion.train.loop import TrainConfig, check_config
+from torchdion.train.loop import lr_factor
 
 TINY = ["--nproc", "2", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--seq-len", "32",
         "--batch", "8", "--steps", "16", "--warmup", "2", "--lr", "0.03", "--adam-lr", "0.01",
@@ -39,11 +40,11 @@ def test_corpus_split_and_baseline():
 
 def test_unsupported_combinations_raise_clearly():
     with pytest.raises(ValueError, match="fsdp-tp needs"):
-        check_config(TrainConfig(parallel="fsdp-tp"), world=2)
+        check(TrainConfig(parallel="fsdp-tp"), world=2)
     with pytest.raises(ValueError, match="n-head"):
-        check_config(TrainConfig(parallel="tp", n_head=3), world=2)
+        check(TrainConfig(parallel="tp", n_head=3), world=2)
     with pytest.raises(NotImplementedError, match="Muon"):
-        check_config(TrainConfig(parallel="fsdp", optimizer="muon"), world=2)
+        check(TrainConfig(parallel="fsdp", optimizer="muon"), world=2)
 
 
 def _weights(ckpt_dir, tmp_path, name):
@@ -56,17 +57,34 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_train_and_resume_exactly(tmp_path):
+def test_two_workers_train_and_resume_exactly(tmp_path, capfd):
     # One uninterrupted run, and the same run stopped at its first checkpoint and resumed.
     full, split = tmp_path / "full", tmp_path / "split"
     cli.main([*TINY, "--out", str(full)])
+    capfd.readouterr()
     cli.main([*TINY, "--out", str(split), "--stop-after", "8"])
+    # Stopped early: the summary says how far it got, with what settings, and how to go on.
+    stopped = json.loads((split / "summary.json").read_text())
+    assert (stopped["steps_done"], stopped["steps_planned"]) == (8, 16)
+    assert {k: stopped[k] for k in ("optimizer", "lr", "rank_fraction", "seed", "parallel")} == \
+        dict(optimizer="dion", lr=0.03, rank_fraction=0.25, seed=0, parallel="ddp")
+    assert "| steps | 8 of 16 (stopped early; --resume continues) |" in \
+        (split / "summary.md").read_text()
+    printed = capfd.readouterr().out
+    again = printed.split("stopped after step 8 of 16; continue with:\n")[1].splitlines()[0]
+    assert cli.config_from_args(again.split()[1:]) == cli.config_from_args(
+        [*TINY, "--out", str(split), "--resume"])
     cli.main([*TINY, "--out", str(split), "--resume"])
     cli.main([*TINY, "--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", "--ckpt-interval", "0"])
 
     records = _records(full)
     train = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(train) == 16 and sum(train[-3:]) < sum(train[:3]) - 0.3
+    # The schedule (torch's LambdaLR over lr_factor): warmup 2, cosine to 0.1 of 0.03 at step 16.
+    cfg = cli.config_from_args(TINY)
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.03 * lr_factor(cfg, s) for s in range(16)], rel=1e-12)
+    assert lrs[0] == pytest.approx(0.015) and lrs[1] == pytest.approx(0.03)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["sync"] == "dion-compressed" and summary["world"] == 2
     assert 0 < summary["bytes"] < summary["full_bytes"]

@@ -1,5 +1,6 @@
 """Example trainer: a character-level GPT on Shakespeare, with Dion or a baseline optimizer."""
 
-from .loop import TrainConfig, train
+from .config import TrainConfig
+from .loop import Run, train
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["Run", "TrainConfig", "train"]

@@ -5,7 +5,8 @@ parameter names so they do not depend on the process count's sharding; per-proce
 Loading never runs code named by the files: DCP's ``.metadata`` is unpickled with an allowlist of
 the classes DCP writes there, DCP's non-tensor items and the extras with ``weights_only=True``.
 ``meta.json`` also holds each file's SHA-256, checked before loading: DCP has no checksums, so
-a flipped bit in a tensor would otherwise load silently. (The checksums catch damage, not an
+a flipped bit in a tensor would otherwise load silently. It checksums itself too
+(``meta_sha256``), and its step must match the directory's name. (The checksums catch damage, not an
 attacker, who can rewrite meta.json too; the unpicklers above are what keep an attacker's code
 from running.) A checkpoint that cannot be loaded raises :class:`CheckpointError`, naming the
 directory."""
@@ -152,7 +153,8 @@ def save(directory: Path, step: int, model, optimizers, meta: dict, extra=None,
         # Renamed into place: a crash while writing leaves no meta.json, never a cut-short one
         # that latest() would take for a whole checkpoint.
         tmp = path / "meta.json.tmp"
-        tmp.write_text(json.dumps({**meta, "step": step, "files": files}, indent=1))
+        doc = {**meta, "step": step, "files": files}
+        tmp.write_text(json.dumps({**doc, "meta_sha256": _meta_sha256(doc)}, indent=1))
         os.replace(tmp, path / "meta.json")
     _barrier()
     return path
@@ -211,11 +213,31 @@ def _damaged(path: Path, e: BaseException) -> CheckpointError:
                            "delete it to resume from the one before")
 
 
+def _meta_sha256(doc: dict) -> str:
+    """SHA-256 of meta.json's content in a canonical form (sorted keys, no spaces)."""
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_meta(path: Path) -> dict:
+    """``meta.json`` of the checkpoint at ``path``, checked against its own checksum and the
+    directory's name: a flipped digit would otherwise resume at the wrong step."""
+    path = Path(path)
     try:
-        return json.loads((Path(path) / "meta.json").read_text())
+        doc = json.loads((path / "meta.json").read_text())
+        if not isinstance(doc, dict) or "meta_sha256" not in doc:
+            raise ValueError("meta.json has no meta_sha256 (damaged, or written before "
+                             "torchdion checksummed it)")
+        meta = {k: v for k, v in doc.items() if k != "meta_sha256"}
+        if _meta_sha256(meta) != doc["meta_sha256"]:
+            raise ValueError("meta.json does not match its meta_sha256")
+        m = _NAME.match(path.name)
+        if m is None or meta.get("step") != int(m.group(1)):
+            raise ValueError(f"meta.json says step {meta.get('step')!r}, the directory's name "
+                             f"says {int(m.group(1)) if m else 'none'}")
     except (OSError, ValueError) as e:
         raise _damaged(path, e) from e
+    return meta
 
 
 def load(path: Path, model, optimizers) -> tuple[dict, object]:

@@ -8,16 +8,42 @@ payload). "Full" is the payload of a plain all-reduce of every gradient, the DDP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
 import torchdion
 
-OPTIMIZERS = ("dion", "muon", "adamw", "adamw-powersgd")
-DEFAULT_LR = {"dion": 0.02, "muon": 0.02, "adamw": 3e-3, "adamw-powersgd": 3e-3}
+from .config import OPTIMIZERS
+
 BETAS = (0.9, 0.95)
+
+
+class SyncMode(str, Enum):
+    """How the processes of a run exchange what the optimizer needs."""
+
+    NONE = "none"  # one process
+    DDP = "ddp"  # DDP all-reduces every gradient
+    DDP_POWERSGD = "ddp-powersgd"  # DDP with torch's PowerSGD hook
+    DION_COMPRESSED = "dion-compressed"  # no DDP: Dion averages low-rank factors over replicas
+    # Sharded layouts: the optimizer's own collectives are counted, not the layout's.
+    FSDP = "fsdp"
+    HSDP = "hsdp"
+    TP = "tp"
+    FSDP_TP = "fsdp-tp"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def sharded(self) -> bool:
+        return self in (SyncMode.FSDP, SyncMode.HSDP, SyncMode.TP, SyncMode.FSDP_TP)
+
+    @property
+    def uses_ddp(self) -> bool:
+        return self in (SyncMode.DDP, SyncMode.DDP_POWERSGD)
 
 
 def hidden_matrices(model: nn.Module, head: nn.Module) -> tuple[list, list]:
@@ -31,32 +57,25 @@ def hidden_matrices(model: nn.Module, head: nn.Module) -> tuple[list, list]:
 
 @dataclass
 class Setup:
-    """What the loop needs: the optimizers, whether to wrap the model in DDP, and how to
-    count the bytes sent by the gradient sync."""
+    """What the loop needs: the optimizers (with their groups' peak learning rates), how the
+    processes sync, and how to count the bytes that sync sends."""
 
     optimizers: list[torch.optim.Optimizer]
-    use_ddp: bool
-    sync: str  # "none" (one process), "ddp", "ddp-powersgd" or "dion-compressed"
+    sync: SyncMode
     full_bytes: int  # payload of one all-reduce of every gradient
-    base_lrs: list[list[float]] = field(default_factory=list)
     powersgd: object = None  # PowerSGDState once the DDP hook is registered
     powersgd_bytes: int = 0
 
-    def set_lr_factor(self, f: float) -> None:
-        for opt, lrs in zip(self.optimizers, self.base_lrs):
-            for g, lr in zip(opt.param_groups, lrs):
-                g["lr"] = lr * f
-
     def step_bytes(self) -> int:
         """Bytes this process sent for the step just taken."""
-        if self.sync == "none":
+        if self.sync == SyncMode.NONE:
             return 0
-        if self.sync in ("fsdp", "hsdp", "tp", "fsdp-tp"):
+        if self.sync.sharded:
             opt = self.optimizers[0]
             return int(opt.comm_stats()["bytes"]) if hasattr(opt, "comm_stats") else 0
-        if self.sync == "dion-compressed":
+        if self.sync == SyncMode.DION_COMPRESSED:
             return int(self.optimizers[0].comm_stats()["bytes"])
-        if self.sync == "ddp-powersgd":
+        if self.sync == SyncMode.DDP_POWERSGD:
             # The hook has already counted this step; it ran plain all-reduce while iter was
             # below start_powerSGD_iter (it increments iter after the last bucket).
             return self.full_bytes if self.powersgd.iter <= self.powersgd.start_powerSGD_iter \
@@ -77,6 +96,17 @@ def powersgd_payload(params: list[torch.Tensor], rank: int, min_compression_rate
     return 4 * total
 
 
+def sync_mode(kind: str, parallel: str, world: int, dion_sync: str = "compressed") -> SyncMode:
+    """How ``world`` processes of ``kind`` under ``parallel`` sync."""
+    if parallel != "ddp":
+        return SyncMode(parallel)
+    if world == 1:
+        return SyncMode.NONE
+    if kind == "dion" and dion_sync == "compressed":
+        return SyncMode.DION_COMPRESSED
+    return SyncMode.DDP_POWERSGD if kind == "adamw-powersgd" else SyncMode.DDP
+
+
 def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
           weight_decay: float, rank_fraction: float, seed: int, world: int,
           group=None, dion_sync: str = "compressed", parallel: str = "ddp",
@@ -91,17 +121,14 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
         raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     full = 4 * sum(p.numel() for p in params)
-    sync = "ddp" if world > 1 else "none"
-    if parallel != "ddp":
-        sync = parallel
+    sync = sync_mode(kind, parallel, world, dion_sync)
     if kind == "dion":
         groups = torchdion.param_groups(
             model, head=head, dion=dict(rank_fraction=rank_fraction),
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
-        if parallel == "ddp" and world > 1 and dion_sync == "compressed":
+        if sync == SyncMode.DION_COMPRESSED:
             import torch.distributed as dist
             replicate = group or dist.group.WORLD
-            sync = "dion-compressed"
         kwargs = {"replicate_group": replicate} if replicate is not None else {}
         opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
                                **kwargs)]
@@ -111,11 +138,7 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
                 torch.optim.AdamW(rest, lr=adam_lr, betas=BETAS, weight_decay=weight_decay)]
     else:
         opts = [torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=weight_decay)]
-        if kind == "adamw-powersgd" and world > 1:
-            sync = "ddp-powersgd"
-    setup = Setup(optimizers=opts, use_ddp=sync in ("ddp", "ddp-powersgd"), sync=sync,
-                  full_bytes=full, base_lrs=[[g["lr"] for g in o.param_groups] for o in opts])
-    return setup
+    return Setup(optimizers=opts, sync=sync, full_bytes=full)
 
 
 def register_powersgd(setup: Setup, ddp_model, params: list[torch.Tensor], rank_fraction: float,
