@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from torchdion.train.data import load_data
 from torchdion.train import TrainConfig, train
+from torchdion.train.data import load_data
 
 ROOT = Path(__file__).resolve().parent
 # (name, optimizer, rank fraction)
