@@ -99,6 +99,18 @@ def test_round_trip_restores_state_and_extras(saved, tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_groups_with_scheduler_keys_load(tmp_path):
+    """torch's schedulers add initial_lr to every group; the trainer's LambdaLR saves it."""
+    model, opt = _setup(0)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    ckpt.save(tmp_path, 2, model, [opt], {"world": 1})
+    model2, opt2 = _setup(1)
+    ckpt.load(tmp_path / "step_000002", model2, [opt2])  # DCP loads the keys opt2's groups have
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    opt2.load_state_dict(opt.state_dict())  # a plain state dict carries initial_lr too
+    assert [g["initial_lr"] for g in opt2.param_groups] == [2 * g["lr"] for g in opt.param_groups]
+
+
 def _distcp(path: Path) -> Path:
     return next(path.glob("*.distcp"))
 

@@ -120,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
                    help="no progress bar (default: show one)")
     g.add_argument("--no-plots", dest="plots", action="store_false",
                    help="no loss.png (default: write it)")
+    for action in p._actions:  # short placeholders: "--steps N", not "--steps STEPS"
+        if action.metavar is None and action.choices is None and action.nargs != 0:
+            action.metavar = {int: "N", float: "X"}.get(action.type, "DIR")
     return p
 
 
