@@ -15,6 +15,7 @@ from torchdion.integrations.lightning import dion_optimizers, warmup_decay  # no
 STEPS, WARMUP = 12, 3
 
 
+# --8<-- [start:recipe]
 class Regression(L.LightningModule):
     def __init__(self):
         super().__init__()
@@ -34,6 +35,7 @@ class Regression(L.LightningModule):
     def configure_optimizers(self):
         return dion_optimizers(self, lr=0.05, adam_lr=1e-2, warmup_steps=WARMUP,
                                total_steps=self.trainer.max_steps, head=self.net[-1])
+# --8<-- [end:recipe]
 
 
 def _data():
@@ -45,11 +47,13 @@ def _data():
 
 def test_lightning_trains_with_dion_and_lambdalr(tmp_path):
     torch.manual_seed(0)
+    # --8<-- [start:fit]
     module = Regression()
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, _data())
+    # --8<-- [end:fit]
     (opt,) = trainer.optimizers
     assert isinstance(opt, torchdion.Dion)
     assert [g["algorithm"] for g in opt.param_groups] == ["dion", "adamw", "adamw"]

@@ -82,8 +82,10 @@ TOKENS = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(
 
 def test_container_builds_one_dion_with_name_pattern_groups_and_trains():
     model = _model()
+    # --8<-- [start:build]
     config = dion_optimizer_config(lr=0.02, adam_lr=3e-3, rank_fraction=0.5)
-    container = config.build(model_parts=[model])
+    container = config.build(model_parts=[model])  # what torchtitan's Trainer does
+    # --8<-- [end:build]
     assert isinstance(container, DionOptimizersContainer)
     (opt,) = container.optimizers
     assert isinstance(opt, torchdion.Dion)
@@ -100,6 +102,7 @@ def test_container_builds_one_dion_with_name_pattern_groups_and_trains():
     dion_group = next(g for g in opt.param_groups if g["algorithm"] == "dion")
     assert dion_group["rank_fraction"] == 0.5 and dion_group["lr"] == 0.02
 
+    # --8<-- [start:train]
     schedulers = LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=None).build(
         optimizers=container, training_steps=10)
     losses = []
@@ -110,6 +113,7 @@ def test_container_builds_one_dion_with_name_pattern_groups_and_trains():
         container.step()
         schedulers.step()
         losses.append(loss.item())
+    # --8<-- [end:train]
     assert losses[-1] < 0.85 * losses[0], losses
 
 
@@ -136,12 +140,14 @@ def test_init_optim_state_and_dcp_round_trip(tmp_path):
         container.zero_grad()
         _loss(model, TOKENS).backward()
         container.step()
+    # --8<-- [start:dcp]
     dcp.save({"optimizer": container}, checkpoint_id=str(tmp_path / "ckpt"))
 
     twin = _model(seed=5)  # different weights and, once built, different state
     twin.load_state_dict(model.state_dict())
     twin_container = dion_optimizer_config(lr=0.02, rank_fraction=0.5).build(model_parts=[twin])
     dcp.load({"optimizer": twin_container}, checkpoint_id=str(tmp_path / "ckpt"))
+    # --8<-- [end:dcp]
     a, b = container.optimizers[0].state_dict(), twin_container.optimizers[0].state_dict()
     for key, state in a["state"].items():
         for name, value in state.items():

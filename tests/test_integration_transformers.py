@@ -16,11 +16,13 @@ from torchdion.integrations.transformers import dion_for_trainer  # noqa: E402
 VOCAB, CONTEXT = 64, 16
 
 
+# --8<-- [start:model]
 def _gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=2,
                                      n_head=2, tie_word_embeddings=True)
     return transformers.GPT2LMHeadModel(config)
+# --8<-- [end:model]
 
 
 class Repeating(torch.utils.data.Dataset):
@@ -78,6 +80,7 @@ def test_conv1d_steps_like_the_same_linear():
 
 
 def test_trainer_trains_tiny_gpt2(tmp_path):
+    # --8<-- [start:recipe]
     model = _gpt2()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=0.02,
@@ -87,6 +90,7 @@ def test_trainer_trains_tiny_gpt2(tmp_path):
         model=model, args=args, train_dataset=Repeating(),
         optimizer_cls_and_kwargs=dion_for_trainer(model, lr=0.02, adam_lr=1e-2))
     trainer.train()
+    # --8<-- [end:recipe]
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                       else trainer.optimizer, torchdion.Dion)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -77,7 +77,8 @@ def _conv1d_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[
         if group["algorithm"] != "dion":
             result.append(group)
             continue
-        rest, by_shape = [], {}
+        rest: list[Tensor] = []
+        by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in group["params"]:
             if id(p) in stored_in_out:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
