@@ -24,6 +24,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -240,7 +241,7 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def load(path: Path, model, optimizers) -> tuple[dict, object]:
+def load(path: Path, model, optimizers) -> tuple[dict, Any]:
     """Load into ``model`` and ``optimizers`` in place; returns (meta, this process's extra).
 
     A checkpoint that is not whole or cannot be read raises :class:`CheckpointError`. Damage

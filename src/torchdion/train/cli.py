@@ -122,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
                    help="no loss.png (default: write it)")
     for action in p._actions:  # short placeholders: "--steps N", not "--steps STEPS"
         if action.metavar is None and action.choices is None and action.nargs != 0:
-            action.metavar = {int: "N", float: "X"}.get(action.type, "DIR")
+            action.metavar = "N" if action.type is int else "X" if action.type is float \
+                else "DIR"
     return p
 
 

@@ -217,7 +217,7 @@ class Run:
     def evaluate(self) -> float:
         """Validation loss on the same ``eval_batches`` batches for every run."""
         self.net.eval()
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         for i in range(self.cfg.eval_batches):
             x, y = self._batch(self.data.val, EVAL_SEED, i)
             total += float(self.net(x, y)) * y.numel()
@@ -291,23 +291,3 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> dict
     """Train; returns the run's summary (on every rank). Needs the process group when world > 1."""
     return Run(cfg, rank, world, device).train()
 
-
-def _read_records(path: Path, upto: int) -> list[dict]:
-    """The run's metrics up to step ``upto``. A worker killed while another was writing can
-    leave the last line cut short: reading stops there."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            break
-        if r["step"] <= upto:
-            records.append(r)
-    return records
-
-
-def _all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()

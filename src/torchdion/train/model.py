@@ -68,6 +68,7 @@ class GPT(nn.Module):
         self.apply(self._init)
         # Residual-branch outputs start small so the depth does not inflate the residual stream.
         for blk in self.blocks:
+            assert isinstance(blk, Block)
             for w in (blk.attn.proj.weight, blk.out.weight):
                 nn.init.normal_(w, std=0.02 / (2 * cfg.n_layer) ** 0.5)
 

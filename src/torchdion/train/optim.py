@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ class Setup:
     optimizers: list[torch.optim.Optimizer]
     sync: SyncMode
     full_bytes: int  # payload of one all-reduce of every gradient
-    powersgd: object = None  # PowerSGDState once the DDP hook is registered
+    powersgd: Any = None  # PowerSGDState once the DDP hook is registered
     powersgd_bytes: int = 0
 
     def step_bytes(self) -> int:
@@ -71,10 +72,10 @@ class Setup:
         if self.sync == SyncMode.NONE:
             return 0
         if self.sync.sharded:
-            opt = self.optimizers[0]
-            return int(opt.comm_stats()["bytes"]) if hasattr(opt, "comm_stats") else 0
+            stats = getattr(self.optimizers[0], "comm_stats", None)  # Dion's; AdamW has none
+            return int(stats()["bytes"]) if stats is not None else 0
         if self.sync == SyncMode.DION_COMPRESSED:
-            return int(self.optimizers[0].comm_stats()["bytes"])
+            return int(self.optimizers[0].comm_stats()["bytes"])  # type: ignore[attr-defined]
         if self.sync == SyncMode.DDP_POWERSGD:
             # The hook has already counted this step; it ran plain all-reduce while iter was
             # below start_powerSGD_iter (it increments iter after the last bucket).
@@ -122,6 +123,7 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
     params = [p for p in model.parameters() if p.requires_grad]
     full = 4 * sum(p.numel() for p in params)
     sync = sync_mode(kind, parallel, world, dion_sync)
+    opts: list[torch.optim.Optimizer]
     if kind == "dion":
         groups = torchdion.param_groups(
             model, head=head, dion=dict(rank_fraction=rank_fraction),
