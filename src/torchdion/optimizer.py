@@ -24,12 +24,14 @@ from .update import (
     accumulate,
     dion_rank,
     dion_update,
+    direction_tolerance,
     initial_q,
     lr_scale_factor,
 )
 
 ALGORITHMS = ("dion", "adamw", "lion")
 LR_SCALES = ("spectral", "rms", "none")
+MATMUL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Keys LR schedulers and torch itself add to groups; accepted, never required.
 _FOREIGN_KEYS = frozenset({"params", "initial_lr", "name", "param_names"})
 # Implementation switches of torch's optimizers, which frameworks (torchtitan, ...) put into every
@@ -97,6 +99,9 @@ def validate_hyperparameters(group: dict[str, Any], where: str = "") -> None:
     sd = group["state_dtype"]
     _check(p + "state_dtype", sd is None or (isinstance(sd, torch.dtype) and sd.is_floating_point),
            "None or a floating torch.dtype", sd)
+    md = group["matmul_dtype"]
+    _check(p + "matmul_dtype", md is None or md in MATMUL_DTYPES,
+           "None, torch.bfloat16, torch.float16 or torch.float32", md)
 
 
 class Dion(Optimizer):
@@ -137,6 +142,10 @@ class Dion(Optimizer):
         flatten: treat a (out, in, *k) tensor as an (out, in * prod(k)) matrix.
         state_dtype: dtype of momentum, Q and AdamW moments (None: the parameter's). The math
             runs in fp32 (fp64 for fp64 parameters) whatever the storage dtype.
+        matmul_dtype: None (exact: the math's dtype) or torch.bfloat16 / torch.float16: the
+            four (a, b)-sized products of a Dion step (B Q, B^T P, P R^T, P Q^T) take their inputs
+            in this dtype; the orthonormalization of P, the column norms, momentum, Q and weight
+            writes stay in fp32 (fp64 for fp64 parameters).
         seed: seeds the initial Q and the randomized sketches; equal on every process.
         raise_on_nonfinite: raise instead of skipping a parameter whose gradient is not finite.
         replicate_group: data-parallel replicas (a ProcessGroup or a 1-D DeviceMesh) whose
@@ -168,6 +177,7 @@ class Dion(Optimizer):
         algorithm: str = "dion",
         flatten: bool = False,
         state_dtype: torch.dtype | None = None,
+        matmul_dtype: torch.dtype | None = None,
         *,
         seed: int = 0,
         raise_on_nonfinite: bool = False,
@@ -179,6 +189,7 @@ class Dion(Optimizer):
             weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps, power_iters=power_iters, orthonormalize=orthonormalize, lr_scale=lr_scale,
             algorithm=algorithm, flatten=flatten, state_dtype=state_dtype,
+            matmul_dtype=matmul_dtype,
         )
         validate_hyperparameters(defaults)
         _check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
@@ -474,9 +485,12 @@ class Dion(Optimizer):
                 r = q_shape[-1]
                 sketch = sketch_matrix(sketch_rows(r, lay.a), lay.a, self.seed, step + 1, device,
                                        compute)[:, lay.row_slice]
+            matmul = group["matmul_dtype"]
             gens.append(dion_update(
                 lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
-                method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"]))
+                method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"],
+                tol=direction_tolerance(lay.a, lay.b, compute, matmul),
+                matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
             layouts.append(lay)
         results = run_lockstep(gens, layouts, self._comm.complete)
         return [(res, res.ok) for res in results]

@@ -143,16 +143,38 @@ def _contiguous_orientation(t: Tensor) -> bool | None:
     return None
 
 
+def _add_product(out: Tensor, X: Tensor, Y: Tensor, alpha: float, beta: float = 1.0) -> None:
+    """out = beta out + alpha X Y in place, for ``out`` a canonical view (possibly transposed) of
+    a parameter or its state.
+
+    In the storage's own dtype and orientation this is one gemm writing in place. Otherwise (a
+    low-precision product into fp32 storage, or a view that is neither row- nor column-major)
+    the product is formed first and added, with the dtype conversion folded into the add.
+    """
+    flip = _contiguous_orientation(out)
+    if out.dtype != X.dtype or flip is None:
+        if beta != 1:
+            out.mul_(beta)
+        out.add_(X @ Y, alpha=alpha)
+    elif flip:
+        _gemm(out.mT, out.mT, Y.mT, X.mT, beta, alpha)
+    else:
+        _gemm(out, out, X, Y, beta, alpha)
+
+
 @dataclass
 class DionStep:
     """What one Dion step produced for a batch of matrices (canonical orientation).
 
     Every field has the batch's leading dims; ``i`` below indexes them (an int, or a tuple that
     picks one matrix inside a stacked parameter). The weight update direction is ``P @ Q.mT``.
-    ``ok`` is False where a non-finite value appeared; such entries must not be written.
-    ``moved`` is False where B Q vanished (all-zero momentum): P is zero there and Q is the old
-    Q. The new momentum B - (1 - mu) P_fb R_own^T is formed only when written
-    (:meth:`write_momentum`), straight into the state.
+    ``ok`` is False where a non-finite value appeared (or the new momentum would overflow its
+    storage dtype); such entries must not be written. ``moved`` is False where B has no
+    direction (all-zero momentum and gradient): P is zero there and Q is the old Q.
+
+    The new momentum B - (1 - mu) P_fb R_own^T is either already formed in ``M`` (B's storage,
+    when it is stored in another dtype than the math's or the products run in ``matmul_dtype``)
+    or formed only when written (:meth:`write_momentum`), straight into the state.
     """
 
     P: Tensor
@@ -163,13 +185,18 @@ class DionStep:
     P_fb: Tensor
     R_own: Tensor
     mu: float
+    M: Tensor | None = None
+    matmul_dtype: torch.dtype | None = None
 
     def write_momentum(self, i: int, out: Tensor) -> None:
         """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
 
-        Computed in whichever orientation ``out`` is stored in, so the gemm writes it in place
-        instead of into a temporary that is then copied.
+        Unless already formed, computed in whichever orientation ``out`` is stored in, so the
+        gemm writes it in place instead of into a temporary that is then copied.
         """
+        if self.M is not None:
+            out.copy_(self.M[i])
+            return
         alpha = -(1 - self.mu)
         B, P, R = self.B[i], self.P_fb[i], self.R_own[i]
         flip = _contiguous_orientation(out)
@@ -185,18 +212,38 @@ class DionStep:
     def apply_update(self, i: int, A: Tensor, alpha: float, decay: float) -> None:
         """A = decay * A + alpha * P Q^T for ``A`` a canonical view of the weight, in place.
 
-        One gemm with beta = decay replaces the scaling pass, the (a, b) product and the add.
+        One gemm with beta = decay replaces the scaling pass, the (a, b) product and the add
+        (where A's dtype is the product's).
         """
         P, Q = self.P[i], self.Q[i]
-        flip = _contiguous_orientation(A)
-        if A.dtype != P.dtype or flip is None:
-            if decay != 1:
-                A.mul_(decay)
-            A.add_(P @ Q.mT, alpha=alpha)
-        elif flip:
-            _gemm(A.mT, A.mT, Q, P.mT, decay, alpha)
-        else:
-            _gemm(A, A, P, Q.mT, decay, alpha)
+        if self.matmul_dtype is not None:
+            P, Q = P.to(self.matmul_dtype), Q.to(self.matmul_dtype)
+        _add_product(A, P, Q.mT, alpha, decay)
+
+
+def direction_tolerance(a: int, b: int, dtype: torch.dtype,
+                        matmul_dtype: torch.dtype | None = None) -> float:
+    """tau = 16 u sqrt(a b) (+ 2 u_matmul): the norm, relative to R's largest column norm, at or
+    below which a column of R is rounding noise rather than a direction (u: ``dtype``'s machine
+    epsilon).
+
+    Where B has fewer than r independent directions, the spare columns of P are orthonormalized
+    rounding noise and R = B^T P is at rounding level there: each of R's b entries sums a
+    products, so its error is about u sqrt(a) |B| <= u sqrt(a b) ||R_:,1||; the factor 16 covers
+    the orthonormalization's own loss of orthogonality (measured up to 8 u sqrt(a b) on low-rank
+    gradients of shapes 64 x 32 to 1536 x 384, fp32 and fp64, all three methods). Normalizing
+    such a column to unit length would add an arbitrary unit direction to the update. For fp32
+    and a 3072 x 768 matrix tau is 2.9e-3; directions weaker than that give no update.
+
+    Products whose inputs are rounded to ``matmul_dtype`` see B plus a rounding error of about
+    u_matmul |B| (2 u_matmul covers a rank-1 or rank-2 gradient; a gradient of higher but
+    deficient rank gains spurious directions up to about u_matmul ||B||_F: bf16 cannot resolve
+    them).
+    """
+    tau = 16 * torch.finfo(dtype).eps * math.sqrt(a * b)
+    if matmul_dtype is not None and matmul_dtype != dtype:
+        tau += 2 * torch.finfo(matmul_dtype).eps
+    return tau
 
 
 def dion_update(
@@ -208,6 +255,9 @@ def dion_update(
     method: str,
     sketch: Tensor | None,
     power_iters: int = 1,
+    tol: float = 0.0,
+    matmul_dtype: torch.dtype | None = None,
+    momentum_dtype: torch.dtype | None = None,
 ) -> Generator[Reduce, Tensor, DionStep]:
     """One Dion step for B = M + G, shape (*batch, a, b), and Q, shape (*batch, b, r).
 
@@ -215,24 +265,60 @@ def dion_update(
         R = B^T P                         summed over rows (this replica's R_i), then replicas
         M = B - (1 - mu) P R_i^T          error feedback: only the captured part decays
         Q = R / (||R_:,j|| + eps)         column norms summed over columns
+        update = P D Q^T                  D_jj = 1 where ||R_:,j|| > tol max_k ||R_:,k||, else 0
 
+    A column of R at or below ``tol`` (relative; see :func:`direction_tolerance`) is not a
+    direction: it gives no update, though Q keeps it as the next step's starting vector.
+
+    ``matmul_dtype`` (e.g. bf16): the four (a, b)-sized products B Q, B^T P, P R^T and P Q^T take
+    their inputs in that dtype (B is cast once); everything else (the orthonormalization of P,
+    the column norms, the momentum B - (1 - mu) P R^T and every state write) stays in B's dtype.
+    In fp16, whose range is small, B is scaled by 1 / max |B| before the cast and R unscaled.
+    ``momentum_dtype``: the momentum's storage dtype; where it is not B's, the new momentum is
+    formed here and an entry that would overflow it is not ``ok``.
     Using the replica's own R_i in the error feedback leaves the replicas' mean momentum exact
     and stops each replica's momentum drifting from the mean (DESIGN.md section 2).
     With ``power_iters`` > 1 the step repeats with the new Q before the error feedback.
     """
+    low = None if matmul_dtype in (None, B.dtype) else matmul_dtype
+    Bm, unscale = B, None
+    if low == torch.float16:
+        # per-matrix scale, decided on the device: max |B| maps to 1 (an all-zero B stays zero)
+        amax = torch.linalg.vector_norm(B, math.inf, dim=(-2, -1), keepdim=True)
+        unscale = torch.where(amax > 0, amax, 1.0)
+        Bm = (B / unscale).to(low)
+    elif low is not None:
+        Bm = B.to(low)
     Q_old = Q
     for _ in range(power_iters):
         # (Q^T B^T)^T is B Q, stored column-major: the triangular solves then run in place.
-        P = yield Reduce((Q.mT @ B.mT).mT, ("col", "replica"), "P")
+        P = yield Reduce((Q.to(Bm.dtype).mT @ Bm.mT).mT.to(B.dtype), ("col", "replica"), "P")
         P = yield from orthonormalize(P, method, sketch, overwrite=True)
-        R_own = yield Reduce(B.mT @ P, ("row",), "R")
+        R_own = (Bm.mT @ P.to(Bm.dtype)).to(B.dtype)
+        if unscale is not None:
+            R_own = R_own * unscale
+        R_own = yield Reduce(R_own, ("row",), "R")
         R = yield Reduce(R_own, ("replica",), "R")
         norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
     ok = _all_finite(P) & torch.isfinite(norm_sq).all(-1)
-    moved = norm_sq.sum(-1) > 0
-    P_out, Q_out = P, Q
-    if not bool(moved.all()):
-        keep = ~moved[..., None, None]
-        P_out, Q_out = torch.where(keep, 0.0, P), torch.where(keep, Q_old, Q)
-    return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu)
+    # Compared squared: tol^2 max ||R_:,k||^2. An all-zero B (zero momentum and gradient) has no
+    # direction at all: P is zero there and Q stays the old Q. Decided without the host.
+    direction = norm_sq > (tol * tol) * norm_sq.amax(-1, keepdim=True)
+    moved = direction.any(-1)
+    P_out = P * direction.unsqueeze(-2)
+    Q_out = torch.where(moved[..., None, None], Q, Q_old)
+    M = None
+    if low is not None or momentum_dtype not in (None, B.dtype):
+        # formed now, in B's storage (B is not needed after this), so that what will be written
+        # can be checked in the dtype it will be written in
+        M = B
+        if low is None:
+            _add_product(M, P, R_own.mT, -(1 - mu))
+        else:
+            M.add_(P.to(low) @ R_own.to(low).mT, alpha=-(1 - mu))
+        if momentum_dtype is not None and momentum_dtype != B.dtype:
+            largest = torch.linalg.vector_norm(M, math.inf, dim=(-2, -1))
+            ok = ok & (largest <= torch.finfo(momentum_dtype).max)
+    return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu, M=M,
+                    matmul_dtype=low)

@@ -1,0 +1,148 @@
+"""Numerics at the rounding level: directions that are rounding noise, values that overflow the
+dtype they are written in, and Dion's products in bf16 / fp16 (``matmul_dtype``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdion
+from torchdion.update import direction_tolerance
+
+BF16_U = torch.finfo(torch.bfloat16).eps  # 2^-7: unit roundoff of bf16 inputs, doubled
+
+
+def _one_update(weight: torch.Tensor, grad: torch.Tensor, **kw) -> tuple[torch.Tensor, object]:
+    """The change one Dion step (lr 1, no decay, no scale) makes to ``weight`` for ``grad``."""
+    p = torch.nn.Parameter(weight.clone())
+    opt = torchdion.Dion([p], lr=1.0, weight_decay=0.0, lr_scale="none", **kw)
+    p.grad = grad.to(weight.dtype)
+    opt.step()
+    return (p.detach() - weight).double(), opt
+
+
+def _low_rank(shape, rank, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape[0], rank, generator=gen, dtype=torch.float64)
+            @ torch.randn(rank, shape[1], generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,rank", [((256, 128), 2), ((256, 128), 1), ((96, 320), 1)])
+def test_rank_deficient_gradient_fp32_matches_fp64(shape, rank):
+    """R's columns beyond the gradient's rank are rounding noise; normalized to unit length
+    they inflated the fp32 update to singular values of 9 and more (fp64: about 1)."""
+    G = _low_rank(shape, rank)
+    W = torch.zeros(shape, dtype=torch.float64)
+    U64, _ = _one_update(W, G)
+    U32, _ = _one_update(W.float(), G)
+    s64, s32 = torch.linalg.svdvals(U64), torch.linalg.svdvals(U32)
+    assert s32[0] < 1.5, s32[:4]
+    assert s32[rank] < 1e-5 and s64[rank] < 1e-12
+    assert (U32 - U64).norm() <= 1e-4 * U64.norm()
+
+
+def test_direction_tolerance_keeps_every_direction_of_a_full_rank_gradient():
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(64, 32, generator=gen)
+    U, _ = _one_update(torch.zeros(64, 32), G)
+    assert torch.linalg.matrix_rank(U, rtol=1e-3) == 32
+
+
+def test_direction_tolerance_formula():
+    u32 = torch.finfo(torch.float32).eps
+    assert direction_tolerance(256, 128, torch.float32) == pytest.approx(16 * u32 * 256 ** 0.5
+                                                                        * 128 ** 0.5)
+    assert direction_tolerance(256, 128, torch.float64) < 1e-11
+    # bf16 inputs add their own rounding
+    assert (direction_tolerance(256, 128, torch.float32, torch.bfloat16)
+            > direction_tolerance(256, 128, torch.float32) + BF16_U)
+
+
+def test_fp16_momentum_overflow_is_a_skipped_step_not_infs_in_the_state():
+    """Gradients finite in fp16 whose new momentum B - (1 - mu) P R^T is not: nothing is written
+    and the step is counted; before, the momentum took infs and every later step was lost."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 32, generator=gen).half())
+    opt = torchdion.Dion([p], lr=0.01, rank_fraction=0.25)
+    skips = 0
+    for _ in range(3):
+        p.grad = (torch.randn(64, 32, generator=gen) * 3e4).clamp(-6e4, 6e4).half()
+        assert p.grad.isfinite().all()
+        before = p.detach().clone(), opt.state[p]["momentum"].clone() if opt.state[p] else None
+        opt.step()
+        assert opt.state[p]["momentum"].isfinite().all()
+        assert p.isfinite().all()
+        if opt.nonfinite_skips > skips:
+            skips = opt.nonfinite_skips
+            assert torch.equal(p.detach(), before[0])
+            if before[1] is not None:
+                assert torch.equal(opt.state[p]["momentum"], before[1])
+    assert skips >= 1
+
+
+def _bf16_pair(shape, rank_fraction, steps=3, seed=0, **kw):
+    """The same run with fp32 and with bf16 products: weight changes and final momenta."""
+    out = []
+    for md in (None, torch.bfloat16):
+        gen = torch.Generator().manual_seed(seed)
+        W = torch.randn(shape, generator=gen)
+        p = torch.nn.Parameter(W.clone())
+        opt = torchdion.Dion([p], lr=0.1, weight_decay=0.0, rank_fraction=rank_fraction,
+                             matmul_dtype=md, **kw)
+        for _ in range(steps):
+            p.grad = torch.randn(shape, generator=gen)
+            opt.step()
+        out.append(((p.detach() - W).double(), opt.state[p]["momentum"].double(), opt))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (96, 384)])
+@pytest.mark.parametrize("method", ["randomized", "qr"])
+def test_bf16_matmuls_agree_with_fp32_within_the_bound(shape, method):
+    """Bound: each of the four products has two inputs rounded to bf16 (relative error u/2 each,
+    u = 2^-7 here); to first order the update moves by at most 4 u relative to its norm, as long
+    as the r-th singular value of B stands clear of the next (true for Gaussian gradients at
+    rank 1/4; measured about 0.5 u on GPT-2 shapes). Momentum and Q stay fp32."""
+    (U32, M32, o32), (U16, M16, o16) = _bf16_pair(shape, 0.25, orthonormalize=method)
+    assert (U16 - U32).norm() <= 4 * BF16_U * U32.norm()
+    assert (M16 - M32).norm() <= 4 * BF16_U * M32.norm()
+    p = o16.param_groups[0]["params"][0]
+    assert o16.state[p]["momentum"].dtype == torch.float32
+    assert o16.state[p]["Q"].dtype == torch.float32
+
+
+def test_fp16_matmuls_do_not_overflow_on_large_momentum():
+    """fp16's range ends at 65504; B is scaled to max |B| = 1 before the cast."""
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(128, 32, generator=gen) * 1e6
+    W = torch.zeros(128, 32)
+    U32, _ = _one_update(W, G, rank_fraction=0.25)
+    U16, opt = _one_update(W, G, rank_fraction=0.25, matmul_dtype=torch.float16)
+    assert opt.nonfinite_skips == 0
+    assert (U16 - U32).norm() <= 4 * torch.finfo(torch.float16).eps * U32.norm()
+
+
+def test_bf16_matmuls_skip_nonfinite_and_keep_zero_momentum_as_fp32_does():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 16, generator=gen))
+    opt = torchdion.Dion([p], lr=0.1, weight_decay=0.1, rank_fraction=0.5,
+                         matmul_dtype=torch.bfloat16)
+    opt.step()  # state
+    W0, Q0 = p.detach().clone(), opt.state[p]["Q"].clone()
+    p.grad = torch.zeros(32, 16)
+    opt.step()  # zero momentum and gradient: only the decay, Q kept
+    assert torch.equal(opt.state[p]["Q"], Q0)
+    torch.testing.assert_close(p.detach(), W0 * (1 - 0.1 * 0.1))
+    W1 = p.detach().clone()
+    p.grad = torch.randn(32, 16, generator=gen)
+    p.grad[3, 4] = float("nan")
+    opt.step()
+    assert opt.nonfinite_skips == 1
+    assert torch.equal(p.detach(), W1) and torch.equal(opt.state[p]["Q"], Q0)
+    assert not opt.state[p]["momentum"].any()
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.float64, "bf16", torch.complex64])
+def test_matmul_dtype_is_validated(bad):
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        torchdion.Dion([torch.nn.Parameter(torch.randn(4, 4))], matmul_dtype=bad)
