@@ -324,6 +324,29 @@ class Dion(Optimizer):
                 "(or seed it identically) before building the optimizer"
             )
 
+    def _forget_replaced(self) -> None:
+        """Drop what was kept for tensors that are no longer in ``param_groups``.
+
+        Frameworks replace them after construction: Accelerate's FSDP2 ``prepare`` puts each
+        parameter's sharded DTensor in its place. The new tensors get their layout and state at
+        this step, and the old ones can be freed. State already built for a replaced tensor
+        cannot follow it (nothing says which tensor took its place), so that raises before
+        anything is written."""
+        current = {p for group in self.param_groups for p in group["params"]}
+        stale = [p for p in (*self._layouts, *self.state) if p not in current]
+        if not stale:
+            return
+        orphans = sum(1 for p in self.state if p not in current and self.state[p])
+        if orphans:
+            raise ValueError(
+                f"{orphans} parameter(s) with optimizer state were replaced in param_groups "
+                "(e.g. by Accelerate's FSDP2 prepare, which puts sharded DTensors in their "
+                "place), and their state cannot follow them: build the optimizer after wrapping "
+                "the model and step only then, or save its state_dict before and load it after")
+        for p in stale:
+            self._layouts.pop(p, None)
+            self.state.pop(p, None)
+
     def _param_index(self) -> dict[Tensor, int]:
         return {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
@@ -404,6 +427,7 @@ class Dion(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._forget_replaced()
         self._comm.new_step()
         index = None
         dion_batches: dict[tuple, list[Tensor]] = defaultdict(list)
