@@ -146,3 +146,68 @@ def test_bf16_matmuls_skip_nonfinite_and_keep_zero_momentum_as_fp32_does():
 def test_matmul_dtype_is_validated(bad):
     with pytest.raises(ValueError, match="matmul_dtype"):
         torchdion.Dion([torch.nn.Parameter(torch.randn(4, 4))], matmul_dtype=bad)
+
+
+# ---------------------------------------------------------------- element-wise AdamW / Lion
+
+
+def _elementwise(algorithm, dtype=torch.float32, **kw):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3, generator=gen).to(dtype))
+    return p, torchdion.Dion([p], algorithm=algorithm, lr=0.01, **kw)
+
+
+def test_adamw_fp16_small_gradient_moves_the_weights_instead_of_making_them_inf():
+    """g^2 = 1e-8 underflows in fp16 and eps = 1e-8 rounds to 0 there: m / 0. The math now runs
+    in fp32 whatever the storage dtype."""
+    p, opt = _elementwise("adamw", torch.float16)
+    W = p.detach().clone()
+    for _ in range(2):
+        p.grad = torch.full((4, 3), 1e-4, dtype=torch.float16)
+        opt.step()
+    assert p.isfinite().all() and opt.nonfinite_skips == 0
+    assert (p.detach().float() < W.float()).all()  # moved against the gradient, by about lr
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "lion"])
+def test_elementwise_overflowing_state_is_a_skip_not_a_stuck_inf(algorithm):
+    """g = 1e20: g^2 (AdamW) overflows fp32; inf in exp_avg_sq would freeze the element."""
+    p, opt = _elementwise(algorithm)
+    opt.step()
+    W, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if k != "step"}
+    p.grad = torch.ones(4, 3)
+    p.grad[1, 2] = 1e20 if algorithm == "adamw" else float("inf")
+    opt.step()
+    assert opt.nonfinite_skips == 1
+    assert torch.equal(p.detach(), W)
+    for k, v in state.items():
+        assert torch.equal(opt.state[p][k], v), k
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    assert opt.nonfinite_skips == 1 and (p.detach() != W).all()
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "lion"])
+def test_elementwise_nan_state_from_a_checkpoint_never_reaches_the_weights(algorithm):
+    p, opt = _elementwise(algorithm)
+    opt.step()
+    opt.state[p]["exp_avg"][0, 0] = float("nan")
+    W = p.detach().clone()
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    assert opt.nonfinite_skips == 1 and torch.equal(p.detach(), W)
+
+
+def test_elementwise_raise_on_nonfinite_raises_before_any_write():
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(6, 4, generator=gen)), torch.nn.Parameter(torch.randn(5))]
+    opt = torchdion.Dion([{"params": ps[:1]}, {"params": ps[1:], "algorithm": "adamw"}],
+                         raise_on_nonfinite=True)
+    opt.step()
+    before = [p.detach().clone() for p in ps], [dict(opt.state[p]) for p in ps]
+    ps[0].grad = torch.randn(6, 4, generator=gen)
+    ps[1].grad = torch.full((5,), 1e20)
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(ps, before[0]))
+    assert [opt.state[p]["step"] for p in ps] == [s["step"] for s in before[1]]

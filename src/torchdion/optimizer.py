@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from . import elementwise
 from .comm import Comm, group_size
 from .layout import Layout, layout_of, local_tensor, q_state
+from .masks import finite_in, masked_copy_
 from .orthogonalize import METHODS, sketch_matrix, sketch_rows
 from .reduce import run_lockstep
 from .update import (
@@ -195,7 +196,7 @@ class Dion(Optimizer):
         _check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
         self.seed = seed
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
-        self.nonfinite_skips = 0
+        self.nonfinite_skips = 0  # the property below: a count kept on the device
         if isinstance(replicate_group, DeviceMesh):
             _check("replicate_group", replicate_group.ndim == 1, "a 1-D DeviceMesh",
                    replicate_group)
@@ -459,21 +460,42 @@ class Dion(Optimizer):
         finish_sync = self._start_gradient_sync(elementwise_groups, dion_batches)
         dion_results = self._dion_phase(dion_batches)
         finish_sync()
-        finite_elementwise = [
-            (group, params, self._finite(params)) for group, params in elementwise_groups
-        ]
-        bad = sum(int((~ok).sum()) for _, ok in dion_results) + sum(
-            int((~ok).sum()) for _, _, ok in finite_elementwise)
-        if bad and self.raise_on_nonfinite:
-            raise FloatingPointError(
-                f"{bad} parameter(s) met a non-finite gradient or update; nothing was changed")
-        self.nonfinite_skips += bad
+        elementwise_results = [self._elementwise_phase(group, params)
+                               for group, params in elementwise_groups]
+        oks = [ok for _, ok in dion_results] + [ok for _, _, ok in elementwise_results]
+        if self.raise_on_nonfinite:  # the one opt-in read of a flag by the host
+            bad = sum(int((~ok).sum()) for ok in oks)
+            if bad:
+                raise FloatingPointError(f"{bad} parameter(s) met a non-finite gradient or "
+                                         "update; nothing was changed")
+        self._count_skips(oks)
 
         for (key, params), (result, _) in zip(dion_batches.items(), dion_results):
             self._apply_dion(self.param_groups[key[0]], key[1], params, result)
-        for group, params, ok in finite_elementwise:
-            self._apply_elementwise(group, [p for p, good in zip(params, ok.tolist()) if good])
+        for params, new, ok in elementwise_results:
+            self._apply_elementwise(params, new, ok)
         return loss
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """(parameter, step) pairs skipped because a non-finite value appeared. Counted on the
+        device; reading this property synchronizes with it."""
+        counts = self.__dict__.get("_skip_counts", {})
+        return self._skips_read + sum(int(c) for c in counts.values())
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self._skips_read, self._skip_counts = int(value), {}
+
+    def _count_skips(self, oks: list[Tensor]) -> None:
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for ok in oks:
+            if ok.numel():
+                by_device[ok.device].append((~ok).sum())
+        counts = self.__dict__.setdefault("_skip_counts", {})
+        for device, bad in by_device.items():
+            total = torch.stack(bad).sum()
+            counts[device] = counts[device] + total if device in counts else total
 
     def _start_gradient_sync(self, elementwise_groups, dion_batches) -> Callable[[], None]:
         """Average the gradients that travel whole: element-wise ones and Dion matrices whose
@@ -524,12 +546,6 @@ class Dion(Optimizer):
         t = local_tensor(t)
         return t.reshape(t.shape[0], -1) if group["flatten"] and t.ndim > 2 else t
 
-    @staticmethod
-    def _finite(params: list[Tensor]) -> Tensor:
-        if not params:
-            return torch.ones(0, dtype=torch.bool)
-        return torch.stack([local_tensor(p.grad).isfinite().all() for p in params]).cpu()
-
     def _apply_dion(self, group: dict[str, Any], lay: Layout, params: list[Tensor],
                     res: DionStep) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
@@ -545,22 +561,34 @@ class Dion(Optimizer):
             A = lay.canonical(self._local_matrix(p, group))
             res.apply_update(i, A, alpha, 1 - lr * wd)
 
-    def _apply_elementwise(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        if not params:
-            return
+    def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor]):
+        """The new weights and state of an element-wise group, in fp32, unwritten, and per
+        parameter whether all of it is finite in the dtype it will be written in."""
         states = [self.state[p] for p in params]
-        for s in states:
-            s["step"] += 1
-        grads = [local_tensor(p.grad).to(s["exp_avg"].dtype) for p, s in zip(params, states)]
-        params = [local_tensor(p) for p in params]
-        avg = [local_tensor(s["exp_avg"]) for s in states]
+        grads = [local_tensor(p.grad) for p in params]
+        targets = [[local_tensor(p) for p in params],
+                   [local_tensor(s["exp_avg"]) for s in states]]
         beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
         if group["algorithm"] == "adamw":
-            elementwise.adamw(
-                params, grads, avg, [local_tensor(s["exp_avg_sq"]) for s in states],
-                [s["step"] for s in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"])
+            targets.append([local_tensor(s["exp_avg_sq"]) for s in states])
+            new = elementwise.adamw(targets[0], grads, targets[1], targets[2],
+                                    [s["step"] + 1 for s in states], lr=lr, beta1=beta1,
+                                    beta2=beta2, eps=group["eps"], weight_decay=wd)
         else:
-            elementwise.lion(
-                params, grads, avg, lr=float(group["lr"]),
-                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+            new = elementwise.lion(targets[0], grads, targets[1], lr=lr, beta1=beta1,
+                                   beta2=beta2, weight_decay=wd)
+        ok = torch.ones(0, dtype=torch.bool)
+        if params:
+            ok = torch.stack([
+                torch.stack([finite_in(n[i], t[i].dtype) for n, t in zip(new, targets)]).all()
+                for i in range(len(params))])
+        return params, list(zip(targets, new)), ok
+
+    def _apply_elementwise(self, params: list[Tensor], new, ok: Tensor) -> None:
+        """Write what :meth:`_elementwise_phase` computed, where it is finite; a skipped
+        parameter keeps its step count too (the one read of the flags by the host)."""
+        for i, (p, good) in enumerate(zip(params, ok.tolist())):
+            self.state[p]["step"] += good
+            for targets, values in new:
+                masked_copy_(targets[i], values[i], ok[i])
