@@ -7,7 +7,10 @@ all of them alike; the table reports medians.
 
 The floor of a Dion step is its matmul work, 8 m n r FLOPs per matrix (B Q, B^T P, the error
 feedback P R^T and the update P Q^T), at the fp32 rate measured in the same run on batched
-matmuls shaped like B Q.
+matmuls shaped like B Q. The bf16 arms (``matmul_dtype=torch.bfloat16``) are held to a bf16
+floor: the same FLOPs at the measured bf16 rate, plus the fp32 orthonormalization of P (sketch
+product, Gram, Cholesky, triangular solves) timed on its own. On CUDA, ``--tf32`` adds fp32 arms
+run with TF32 matmuls.
 
     python benchmarks/step_time.py                  # 12 layers, the full table
     python benchmarks/step_time.py --layers 2 --repeats 3   # a quick run
@@ -114,23 +117,23 @@ def dion_flops(layers: int, rank_fraction: float) -> float:
     return total
 
 
-def matmul_probes(layers: int, device: torch.device):
-    """For each rank fraction, batched fp32 matmuls shaped like B Q of one Dion step:
+def matmul_probes(layers: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    """For each rank fraction, batched matmuls shaped like B Q of one Dion step:
     (layers, a, b) @ (layers, b, r) per matrix shape. The B operands are shared to save memory."""
     gen = torch.Generator().manual_seed(2)
     operands = {}
     for m, n in BLOCK_SHAPES:
         a, b = max(m, n), min(m, n)
         if (a, b) not in operands:
-            operands[(a, b)] = torch.randn(layers, a, b, generator=gen).to(device)
+            operands[(a, b)] = torch.randn(layers, a, b, generator=gen).to(device, dtype)
     runs = {}
     for f in RANK_FRACTIONS:
         work, flops = [], 0.0
         for m, n in BLOCK_SHAPES:
             B = operands[(max(m, n), min(m, n))]
             r = torchdion.update.dion_rank(B.shape[-1], f, 1)
-            Q = torch.randn(layers, B.shape[-1], r, generator=gen).to(device)
-            work.append((B, Q, torch.empty(layers, B.shape[-2], r, device=device)))
+            Q = torch.randn(layers, B.shape[-1], r, generator=gen).to(device, dtype)
+            work.append((B, Q, torch.empty(layers, B.shape[-2], r, device=device, dtype=dtype)))
             flops += 2.0 * layers * B.shape[-2] * B.shape[-1] * r
 
         def run(work=work):
@@ -138,6 +141,32 @@ def matmul_probes(layers: int, device: torch.device):
                 torch.bmm(B, Q, out=out)
 
         runs[f] = (run, flops)
+    return runs
+
+
+def orthonormalize_probes(layers: int, device: torch.device):
+    """For each rank fraction, the default (randomized) orthonormalization of P-shaped fp32
+    batches (layers, a, r): the part of a bf16-matmul step that stays fp32."""
+    from torchdion.orthogonalize import orthonormalize, sketch_matrix, sketch_rows
+    from torchdion.reduce import run_lockstep
+
+    gen = torch.Generator().manual_seed(3)
+    runs = {}
+    for f in RANK_FRACTIONS:
+        work = []
+        for m, n in BLOCK_SHAPES:
+            a, b = max(m, n), min(m, n)
+            r = torchdion.update.dion_rank(b, f, 1)
+            P = torch.randn(layers, r, a, generator=gen).to(device).mT  # column-major, as in Dion
+            sketch = sketch_matrix(sketch_rows(r, a), a, 0, 1, device, torch.float32)
+            work.append((P, sketch))
+
+        def run(work=work):
+            run_lockstep([orthonormalize(P.clone(memory_format=torch.preserve_format),
+                                         "randomized", sk, overwrite=True) for P, sk in work],
+                         [None] * len(work))
+
+        runs[f] = run
     return runs
 
 
@@ -164,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="transformer blocks (12 for GPT-2 small; fewer for a quick run)")
     ap.add_argument("--out", default=None, help="also write the table as markdown to this file")
     ap.add_argument("--skip", default="", help="comma-separated arm names to leave out")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the bf16-matmul Dion arms")
+    ap.add_argument("--no-fp32-muon", action="store_true",
+                    help="leave out the fp32 Newton-Schulz Muon (the slowest arm)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: add Dion arms whose fp32 matmuls run in TF32")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -173,61 +207,108 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(w.numel() for w in weights)
 
     arms: dict[str, torch.optim.Optimizer] = {}
+    tf32_arms: set[str] = set()
     for f in RANK_FRACTIONS:
         arms[_dion_name(f)] = torchdion.Dion(make_params(weights, grads), lr=0.01, rank_fraction=f)
+        if not args.no_bf16:
+            arms[_dion_name(f) + " bf16"] = torchdion.Dion(
+                make_params(weights, grads), lr=0.01, rank_fraction=f,
+                matmul_dtype=torch.bfloat16)
+        if args.tf32 and device.type == "cuda":
+            arms[_dion_name(f) + " TF32"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
+                                                          rank_fraction=f)
+            tf32_arms.add(_dion_name(f) + " TF32")
     # Muon as shipped runs its Newton-Schulz iteration in bf16.
     arms["torch.optim.Muon (bf16 NS)"] = torch.optim.Muon(make_params(weights, grads), lr=0.02)
-    arms["Muon NS-5 fp32"] = NewtonSchulzMuon(make_params(weights, grads), lr=0.02)
+    if not args.no_fp32_muon:
+        arms["Muon NS-5 fp32"] = NewtonSchulzMuon(make_params(weights, grads), lr=0.02)
     arms["torch.optim.AdamW"] = torch.optim.AdamW(make_params(weights, grads), lr=1e-3)
     del weights  # every arm holds its own copy; this one would only take memory
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     arms = {k: v for k, v in arms.items() if k not in skip}
 
     probes = matmul_probes(args.layers, device)
+    bf16_probes = {} if args.no_bf16 else matmul_probes(args.layers, device, torch.bfloat16)
+    orth_probes = {} if args.no_bf16 else orthonormalize_probes(args.layers, device)
     times: dict[str, list[float]] = {name: [] for name in arms}
     probe_times: dict[float, list[float]] = {f: [] for f in RANK_FRACTIONS}
+    bf16_times: dict[float, list[float]] = {f: [] for f in bf16_probes}
+    orth_times: dict[float, list[float]] = {f: [] for f in orth_probes}
+
+    def step_of(name: str, opt) -> Callable[[], object]:
+        if name not in tf32_arms:
+            return opt.step
+
+        def step():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                opt.step()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+        return step
 
     # The first step of each arm builds its state and is not timed.
-    for opt in arms.values():
-        timed(opt.step, device)
-    for run, _ in probes.values():
+    for name, opt in arms.items():
+        timed(step_of(name, opt), device)
+    for run, _ in [*probes.values(), *bf16_probes.values()]:
+        timed(run, device)
+    for run in orth_probes.values():
         timed(run, device)
     load_before = os.getloadavg()[0]
     for rep in range(args.repeats):
         print(f"repetition {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
         for name, opt in arms.items():
-            times[name].append(timed(opt.step, device))
+            times[name].append(timed(step_of(name, opt), device))
         for f, (run, _) in probes.items():
             probe_times[f].append(timed(run, device))
+        for f, (run, _) in bf16_probes.items():
+            bf16_times[f].append(timed(run, device))
+        for f, run in orth_probes.items():
+            orth_times[f].append(timed(run, device))
 
     load_after = os.getloadavg()[0]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rate = {f: flops / statistics.median(probe_times[f]) for f, (_, flops) in probes.items()}
+    bf16_rate = {f: flops / statistics.median(bf16_times[f])
+                 for f, (_, flops) in bf16_probes.items()}
+    orth = {f: statistics.median(ts) for f, ts in orth_times.items()}
     adamw = med.get("torch.optim.AdamW")
     ns = med.get("Muon NS-5 fp32")
+    muon = med.get("torch.optim.Muon (bf16 NS)")
 
     rows = []
     for name, t in med.items():
-        floor = ""
+        floor, vs_fp32 = "", "-"
         for f in RANK_FRACTIONS:
-            if name.startswith("Dion") and name == _dion_name(f):
+            if name in (_dion_name(f), _dion_name(f) + " TF32"):
                 fl = dion_flops(args.layers, f) / rate[f]
                 floor = f"{fmt_time(fl)} ({t / fl:.2f}x)"
+            if name == _dion_name(f) + " bf16":
+                fl = dion_flops(args.layers, f) / bf16_rate[f] + orth[f]
+                floor = f"{fmt_time(fl)} ({t / fl:.2f}x)"
+            if name.startswith(_dion_name(f) + " ") and _dion_name(f) in med:
+                vs_fp32 = f"{med[_dion_name(f)] / t:.2f}x"
         rows.append((
             name,
             fmt_time(t),
             f"{t / adamw:.1f}x" if adamw else "-",
             f"{ns / t:.2f}x" if ns else "-",
+            f"{muon / t:.2f}x" if muon else "-",
+            vs_fp32,
             floor or "-",
         ))
     header = ("optimizer", "median step", "time / AdamW", "speedup vs NS-5 fp32 Muon",
-              "matmul floor (step / floor)")
+              "speedup vs torch.optim.Muon", "speedup vs fp32 Dion", "floor (step / floor)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     rates = ", ".join(
         f"{_dion_name(f).removeprefix('Dion ')}: {rate[f] / 1e9:.0f} GFLOP/s"
         for f in RANK_FRACTIONS
     )
+    if bf16_rate:
+        rates += "; bf16 " + ", ".join(
+            f"{_dion_name(f).removeprefix('Dion ')}: {bf16_rate[f] / 1e9:.0f} GFLOP/s, "
+            f"fp32 orthonormalization {fmt_time(orth[f])}" for f in RANK_FRACTIONS)
     threads = torch.get_num_threads()
     now = datetime.datetime.now(datetime.timezone.utc)
     info = (
