@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_layouts_example_under_torchrun_exits_cleanly():
-    # FSDP2 on gloo aborted at interpreter exit in most runs ("terminate called without an active
-    # exception", SIGABRT, torchrun reporting FAILED), and the ranks' lines ran together.
+    # Before: FSDP2 on gloo sometimes aborted at interpreter exit ("terminate called without an
+    # active exception", SIGABRT, torchrun reporting FAILED; 1 of 14 runs here), and the ranks'
+    # lines came out of order or ran together (6 of 10 runs).
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node", "2", str(ROOT / "examples" / "layouts.py"),
