@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import torchdion
+from torchdion.matrix_plan import dion_rank
 from torchdion.orthogonalize import sketch_rows
 from torchdion.parallel import fsdp_beside_tp
-from torchdion.update import dion_rank
 
 STEPS = 10
 GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (DESIGN.md section 4)
@@ -183,7 +183,7 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 if syncs:
                     add("grad", local.numel())
                 continue
-            lay = opt.layout(p, group)
+            lay = opt.plan(p, group)
             r = dion_rank(lay.b, rank_fraction, 1)
             a_loc, b_loc = lay.rows[1] - lay.rows[0], lay.cols[1] - lay.cols[0]
             size = {ax: (1 if g is None else dist.get_world_size(g))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,15 +15,15 @@ from torch.optim import Optimizer
 
 from . import elementwise
 from .comm import Comm, group_size
-from .layout import Layout, layout_of, local_tensor, q_state
+from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
-from .orthogonalize import METHODS, sketch_matrix, sketch_rows
+from .matrix_plan import MatrixPlan, plan_matrix
+from .orthogonalize import METHODS, sketch_matrix
 from .reduce import run_lockstep
 from .update import (
     DionStep,
     Workspace,
     accumulate,
-    dion_rank,
     dion_update,
     direction_tolerance,
     initial_q,
@@ -46,6 +46,16 @@ FRAMEWORK_FLAGS = {
     "differentiable": "Dion's step runs under no_grad and is not differentiable",
     "maximize": "Dion only minimizes; negate the loss instead",
 }
+
+
+class BatchKey(NamedTuple):
+    """Dion matrices step together (stacked) when all of these are equal."""
+
+    group: int  # index into param_groups: its hyperparameters
+    plan: MatrixPlan  # shapes, block, rank and process groups
+    device: torch.device
+    dtype: torch.dtype
+    step: int  # the randomized sketch is drawn per step
 
 
 def _check(name: str, ok: bool, expected: str, value: Any) -> None:
@@ -204,7 +214,7 @@ class Dion(Optimizer):
         self.replicate_group = None if group_size(replicate_group) == 1 else replicate_group
         self.gradients_synchronized = bool(gradients_synchronized)
         self._comm = Comm()
-        self._layouts: dict[Tensor, Layout] = {}
+        self._plans: dict[Tensor, MatrixPlan] = {}
         super().__init__(params, defaults)
         if self.replicate_group is not None:
             self._check_replicas_identical()
@@ -235,33 +245,29 @@ class Dion(Optimizer):
                                      f"{p.dtype}")
             if group["algorithm"] == "dion":
                 for p in group["params"]:  # shapes and placements fail here, not mid-step
-                    self.layout(p, group)
+                    self.plan(p, group)
         except ValueError:
             self.param_groups.pop()
-            for p in group["params"]:  # a failed add leaves no cached layout behind
-                self._layouts.pop(p, None)
+            for p in group["params"]:  # a failed add leaves no cached plan behind
+                self._plans.pop(p, None)
             raise
 
-    def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
-        """Where the Dion parameter ``p`` lives: shape, orientation, local block, groups.
-
-        Replicas exchange P and R only when that is cheaper than the gradient: where
-        (a + b) r >= a b the gradient is averaged instead and the replica axis is dropped.
-        """
-        lay = self._layouts.get(p)
-        if lay is None:
-            replica = self.replicate_group if self._syncs_gradients() else None
-            lay = layout_of(p, group["flatten"], self._name(p), replica)
-            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-            if replica is not None and (lay.a + lay.b) * r >= lay.a * lay.b:
-                lay = layout_of(p, group["flatten"], self._name(p), None)
-            if group["orthonormalize"] == "qr" and group_size(lay.groups.get("row")) > 1:
-                raise ValueError(
-                    f"orthonormalize='qr' needs all rows of a matrix on one process, but "
-                    f"{self._name(p)} has its rows sharded; use 'randomized' or 'cholesky', "
-                    "whose only row sums are small (k x r and r x r) reductions")
-            self._layouts[p] = lay
-        return lay
+    def plan(self, p: Tensor, group: dict[str, Any]) -> MatrixPlan:
+        """The Dion parameter ``p``'s :class:`~torchdion.matrix_plan.MatrixPlan` (computed on
+        first use, then cached): matrix shape, orientation, local block, groups, rank, and what
+        crosses the replicas."""
+        plan = self._plans.get(p)
+        if plan is None:
+            name = self._name(p)
+            replicas = self.replicate_group if self._syncs_gradients() else None
+            plan = plan_matrix(
+                tuple(p.shape), shards_of(p, name), flatten=group["flatten"],
+                rank_fraction=group["rank_fraction"],
+                rank_multiple_of=group["rank_multiple_of"],
+                orthonormalize=group["orthonormalize"], replicas=replicas,
+                replicas_size=group_size(replicas), name=name)
+            self._plans[p] = plan
+        return plan
 
     def _name(self, p: Tensor) -> str:
         """The parameter's name for messages: its ``param_names`` entry when groups carry them."""
@@ -300,7 +306,7 @@ class Dion(Optimizer):
         momenta = [local_tensor(self.state[p]["momentum"])
                    for group in self.param_groups if group["algorithm"] == "dion"
                    for p in group["params"]
-                   if self.state[p] and self.layout(p, group).groups.get("replica") is not None]
+                   if self.state[p] and self.plan(p, group).replica_sync == "factors"]
         self._comm.all_reduce_mean(momenta, self.replicate_group, "state")
 
     def _check_replicas_identical(self) -> None:
@@ -334,7 +340,7 @@ class Dion(Optimizer):
         cannot follow it (nothing says which tensor took its place), so that raises before
         anything is written."""
         current = {p for group in self.param_groups for p in group["params"]}
-        stale = [p for p in (*self._layouts, *self.state) if p not in current]
+        stale = [p for p in (*self._plans, *self.state) if p not in current]
         if not stale:
             return
         orphans = sum(1 for p in self.state if p not in current and self.state[p])
@@ -345,7 +351,7 @@ class Dion(Optimizer):
                 "place), and their state cannot follow them: build the optimizer after wrapping "
                 "the model and step only then, or save its state_dict before and load it after")
         for p in stale:
-            self._layouts.pop(p, None)
+            self._plans.pop(p, None)
             self.state.pop(p, None)
 
     def _param_index(self) -> dict[Tensor, int]:
@@ -357,11 +363,10 @@ class Dion(Optimizer):
         zeros = dict(dtype=dtype, memory_format=torch.contiguous_format)
         state["step"] = 0
         if group["algorithm"] == "dion":
-            lay = self.layout(p, group)
-            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
+            plan = self.plan(p, group)
             state["momentum"] = torch.zeros_like(p, **zeros)
-            Q = initial_q(lay.b, r, self.seed, index, dtype)[lay.col_slice]
-            state["Q"] = q_state(Q.to(local_tensor(p).device), p, lay)
+            Q = initial_q(plan.b, plan.rank, self.seed, index, dtype)[plan.col_slice]
+            state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
         else:
             state["exp_avg"] = torch.zeros_like(p, **zeros)
             if group["algorithm"] == "adamw":
@@ -410,12 +415,12 @@ class Dion(Optimizer):
                             f"state_dict {name} of parameter {self._name(p)} has shape "
                             f"{tuple(state[name].shape)}, expected {tuple(p.shape)}")
                 if "Q" in state and group["algorithm"] == "dion":
-                    lay = self.layout(p, group)
-                    r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-                    if tuple(state["Q"].shape) != (lay.b, r):
+                    plan = self.plan(p, group)
+                    if tuple(state["Q"].shape) != (plan.b, plan.rank):
                         raise ValueError(
                             f"state_dict Q of parameter {self._name(p)} has shape "
-                            f"{tuple(state['Q'].shape)}, expected {(lay.b, r)}: the checkpoint "
+                            f"{tuple(state['Q'].shape)}, expected {(plan.b, plan.rank)}: the "
+                            "checkpoint "
                             "was saved with another rank_fraction / rank_multiple_of; load it "
                             "with the same ones")
 
@@ -431,7 +436,7 @@ class Dion(Optimizer):
         self._forget_replaced()
         self._comm.new_step()
         index = None
-        dion_batches: dict[tuple, list[Tensor]] = defaultdict(list)
+        dion_batches: dict[BatchKey, list[Tensor]] = defaultdict(list)
         elementwise_groups: list[tuple[dict[str, Any], list[Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             with_grad = []
@@ -450,9 +455,8 @@ class Dion(Optimizer):
                 with_grad.append(p)
             if group["algorithm"] == "dion":
                 for p in with_grad:
-                    lay = self.layout(p, group)
-                    key = (gi, lay, lay.group_ids, p.device, p.dtype, self.state[p]["Q"].shape,
-                           self.state[p]["step"])
+                    key = BatchKey(gi, self.plan(p, group), p.device, p.dtype,
+                                   self.state[p]["step"])
                     dion_batches[key].append(p)
             else:
                 elementwise_groups.append((group, with_grad))
@@ -471,7 +475,7 @@ class Dion(Optimizer):
         self._count_skips(oks)
 
         for (key, params), (result, _) in zip(dion_batches.items(), dion_results):
-            self._apply_dion(self.param_groups[key[0]], key[1], params, result)
+            self._apply_dion(self.param_groups[key.group], key.plan, params, result)
         for params, new, ok in elementwise_results:
             self._apply_elementwise(params, new, ok)
         return loss
@@ -504,7 +508,7 @@ class Dion(Optimizer):
         if not self._syncs_gradients():
             return lambda: None
         whole = [p for key, ps in dion_batches.items() for p in ps
-                 if key[1].groups.get("replica") is None]
+                 if key.plan.replica_sync == "gradient"]
         grads = [local_tensor(p.grad) for _, ps in elementwise_groups for p in ps]
         grads += [local_tensor(p.grad) for p in whole]
         finish = self._comm.start_mean(grads, self.replicate_group, "grad")
@@ -512,33 +516,33 @@ class Dion(Optimizer):
             finish()
         return finish
 
-    def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
-        gens, layouts = [], []
+    def _dion_phase(self, batches: dict[BatchKey, list[Tensor]]
+                    ) -> list[tuple[DionStep, Tensor]]:
+        gens, plans = [], []
         # Set lazily: torch's optimizer pickling keeps only defaults, state and groups.
         workspace = self.__dict__.get("_workspace")
         if workspace is None:
             workspace = self._workspace = Workspace()
         workspace.begin()
-        for (gi, lay, _, device, _, q_shape, step), params in batches.items():
-            group = self.param_groups[gi]
+        for key, params in batches.items():
+            group, plan, device = self.param_groups[key.group], key.plan, key.device
             compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
             momenta = [self._local_matrix(self.state[p]["momentum"], group) for p in params]
             B = accumulate(momenta, [self._local_matrix(p.grad, group) for p in params], compute,
                            workspace.take((len(params), *momenta[0].shape), compute, device))
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             sketch = None
-            if group["orthonormalize"] != "qr":
-                r = q_shape[-1]
-                sketch = sketch_matrix(sketch_rows(r, lay.a), lay.a, self.seed, step + 1, device,
-                                       compute)[:, lay.row_slice]
+            if plan.sketch_rows:
+                sketch = sketch_matrix(plan.sketch_rows, plan.a, self.seed, key.step + 1, device,
+                                       compute)[:, plan.row_slice]
             matmul = group["matmul_dtype"]
             gens.append(dion_update(
-                lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
+                plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
                 method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"],
-                tol=direction_tolerance(lay.a, lay.b, compute, matmul),
+                tol=direction_tolerance(plan.a, plan.b, compute, matmul),
                 matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
-            layouts.append(lay)
-        results = run_lockstep(gens, layouts, self._comm.complete)
+            plans.append(plan)
+        results = run_lockstep(gens, plans, self._comm.complete)
         return [(res, res.ok) for res in results]
 
     @staticmethod
@@ -546,19 +550,19 @@ class Dion(Optimizer):
         t = local_tensor(t)
         return t.reshape(t.shape[0], -1) if group["flatten"] and t.ndim > 2 else t
 
-    def _apply_dion(self, group: dict[str, Any], lay: Layout, params: list[Tensor],
+    def _apply_dion(self, group: dict[str, Any], plan: MatrixPlan, params: list[Tensor],
                     res: DionStep) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        alpha = -lr * lr_scale_factor(group["lr_scale"], lay.m, lay.n)
+        alpha = -lr * lr_scale_factor(group["lr_scale"], plan.m, plan.n)
         for i, (p, ok) in enumerate(zip(params, res.ok.tolist())):
             if not ok:
                 continue
             state = self.state[p]
             state["step"] += 1
-            M = lay.canonical(self._local_matrix(state["momentum"], group))
+            M = plan.canonical(self._local_matrix(state["momentum"], group))
             res.write_momentum(i, M)
             local_tensor(state["Q"]).copy_(res.Q[i])
-            A = lay.canonical(self._local_matrix(p, group))
+            A = plan.canonical(self._local_matrix(p, group))
             res.apply_update(i, A, alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor]):

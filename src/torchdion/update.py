@@ -20,15 +20,6 @@ from .orthogonalize import orthonormalize
 from .reduce import Reduce
 
 
-def dion_rank(b: int, rank_fraction: float, rank_multiple_of: int) -> int:
-    """r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)), at least 1."""
-    x = rank_fraction * b
-    # rank_fraction is a decimal: 0.07 * 100 is 7.000000000000001 in floats, and means 7, not 8
-    r = math.ceil(x - 1e-9 * max(1.0, x))
-    r = math.ceil(r / rank_multiple_of) * rank_multiple_of
-    return max(1, min(b, r))
-
-
 def lr_scale_factor(kind: str, m: int, n: int) -> float:
     """Scale of the orthonormal update for an (m, n) = (fan_out, fan_in) weight."""
     if kind == "spectral":

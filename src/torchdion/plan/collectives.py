@@ -13,8 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from ..matrix_plan import dion_rank
 from ..orthogonalize import METHODS, sketch_rows
-from ..update import dion_rank
 from .shard import Block, Parallelism, Param, canonical_block, local_shape
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..layout import _chunk
+from ..matrix_plan import chunk
 
 AXES = ("dp", "fsdp", "tp")
 
@@ -81,7 +81,7 @@ class Parallelism:
 
 
 def _piece(size: int, parts: int, index: int) -> int:
-    start, stop = _chunk(size, parts, index)
+    start, stop = chunk(size, parts, index)
     return stop - start
 
 
