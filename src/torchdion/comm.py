@@ -86,9 +86,17 @@ class Comm:
 
         return finish
 
+    def all_reduce_max(self, tensors: Sequence[Tensor], group: Any, kind: str) -> list[Tensor]:
+        """The elementwise maxima across ``group`` (new tensors; the inputs stay as they are).
+        A minimum is the maximum of the negation."""
+        launched = self._launch(tensors, group, kind, None, async_op=False, op=dist.ReduceOp.MAX)
+        return self._collect(launched, tensors, group, mean=False)
+
     def _launch(self, tensors: Sequence[Tensor], group: Any, kind: str,
-                matrix_sizes: Sequence[int] | None, async_op: bool) -> list[tuple]:
-        """Issue one summing all-reduce per (dtype, device) bucket: [(work, flat, indices)]."""
+                matrix_sizes: Sequence[int] | None, async_op: bool,
+                op: Any = dist.ReduceOp.SUM) -> list[tuple]:
+        """Issue one all-reduce (a sum unless ``op`` says otherwise) per (dtype, device) bucket:
+        [(work, flat, indices)]."""
         if group_size(group) == 1 or not tensors:
             return []
         buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -100,7 +108,7 @@ class Comm:
             fraction = max(tensors[i].numel() / matrix_sizes[i] for i in idx) if matrix_sizes else 0
             self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx), fraction)
             # gloo has no AVG: sum here, divide in _collect.
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+            work = dist.all_reduce(flat, op=op, group=group, async_op=async_op)
             launched.append((work, flat, idx))
         return launched
 
