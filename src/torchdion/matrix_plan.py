@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .orthogonalize import sketch_rows
+from .orthogonalize import sketch_matrix, sketch_rows
 
 AXES = ("row", "col", "replica")
 # How the replicas (data-parallel copies) of a matrix are kept equal:
@@ -141,6 +141,14 @@ class MatrixPlan:
     def canonical(self, local: Tensor) -> Tensor:
         """The local block of A, as a view of the local 2-D block of X."""
         return local.mT if self.transposed else local
+
+    def sketch(self, seed: int, step: int, device: Any, dtype: Any) -> Tensor | None:
+        """This process's columns of step ``step``'s (k, a) randomized sketch (None when the
+        method uses none): the same matrix on every process and layout, sliced to its rows."""
+        if not self.sketch_rows:
+            return None
+        return sketch_matrix(self.sketch_rows, self.a, seed, step, device, dtype)[:,
+                                                                                self.row_slice]
 
 
 def _unsupported(name: str, shards: Sequence[DimShard]) -> ValueError:

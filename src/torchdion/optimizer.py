@@ -18,7 +18,6 @@ from .comm import Comm, group_size
 from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
 from .matrix_plan import MatrixPlan, plan_matrix
-from .orthogonalize import sketch_matrix
 from .reduce import run_lockstep
 from .replicas import check_replicas
 from .update import (
@@ -485,14 +484,12 @@ class Dion(Optimizer):
                            compute,
                            workspace.take((len(params), *momenta[0].shape), compute, device))
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
-            sketch = None
-            if plan.sketch_rows:
-                sketch = sketch_matrix(plan.sketch_rows, plan.a, self.seed, key.step + 1, device,
-                                       compute)[:, plan.row_slice]
             matmul = group["matmul_dtype"]
             gens.append(self.update(
                 plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
-                method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"],
+                method=group["orthonormalize"],
+                sketch=plan.sketch(self.seed, key.step + 1, device, compute),
+                power_iters=group["power_iters"],
                 tol=direction_tolerance(plan.a, plan.b, compute, matmul),
                 matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
             plans.append(plan)

@@ -33,6 +33,17 @@ class Reduce:
 Complete = Callable[[Sequence[Any], Sequence[Reduce]], Sequence[Tensor]]
 
 
+def any_true(flags: Tensor) -> bool:
+    """Whether any of ``flags`` is set, for the math's data-dependent branches (the Cholesky
+    fallback, a non-finite value, a vanished momentum).
+
+    The shape-only path: meta tensors (the planner's) hold no data, and there the answer is
+    False, the branch of a healthy step, so a shape-only run makes exactly the requests a real
+    step makes when no fallback is needed.
+    """
+    return not flags.is_meta and bool(flags.any())
+
+
 def local_complete(layouts: Sequence[Any], requests: Sequence[Reduce]) -> list[Tensor]:
     """One device: every sum is already complete."""
     return [req.tensor for req in requests]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .orthogonalize import orthonormalize
-from .reduce import Reduce
+from .reduce import Reduce, any_true
 
 
 def lr_scale_factor(kind: str, m: int, n: int) -> float:
@@ -100,7 +100,7 @@ def _all_finite(t: Tensor) -> Tensor:
     several times slower) elementwise test run.
     """
     ok = torch.isfinite(t.sum((-2, -1)))
-    if not bool(ok.all()):
+    if any_true(~ok):
         ok = torch.isfinite(t).flatten(-2).all(-1)
     return ok
 
