@@ -25,11 +25,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import torchdion
 from torchdion.matrix_plan import dion_rank
-from torchdion.orthogonalize import sketch_rows
+from torchdion.orthonormalize import sketch_rows
 from torchdion.parallel import fsdp_beside_tp
 
 STEPS = 10
-GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (DESIGN.md section 4)
+GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (docs/design.md section 7)
 
 
 class Net(nn.Module):
@@ -169,7 +169,9 @@ LAYOUTS = {
 
 
 def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int]:
-    """Elements this rank should send per step, by kind, from the DESIGN.md section 2 table."""
+    """Elements this rank should send per step, by kind, from the docs/design.md section 2 table.
+
+    Written from the table, independently of the library's plan and comm on purpose."""
     out: dict[str, int] = {}
 
     def add(kind, n):

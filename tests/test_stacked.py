@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from torchdion.matrix_plan import dion_rank
-from torchdion.orthogonalize import sketch_matrix, sketch_rows
+from torchdion.orthonormalize import sketch_matrix, sketch_rows
 from torchdion.reduce import run_lockstep
 from torchdion.update import dion_update
 

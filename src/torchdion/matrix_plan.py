@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .orthogonalize import sketch_matrix, sketch_rows
+from .orthonormalize import sketch_matrix, sketch_rows
 
 AXES = ("row", "col", "replica")
 # How the replicas (data-parallel copies) of a matrix are kept equal:

@@ -19,7 +19,7 @@ from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
 from .matrix_plan import MatrixPlan, plan_matrix
 from .reduce import run_lockstep
-from .replicas import check_replicas
+from .replicas import check_replicas, describe
 from .update import (
     DionStep,
     Workspace,
@@ -29,8 +29,8 @@ from .update import (
     initial_q,
     lr_scale_factor,
 )
+from .validation import FRAMEWORK_FLAGS as FRAMEWORK_FLAGS  # re-exported: part of the API
 from .validation import (
-    CHECKS,
     PLAN_KEYS,
     STATE_KEYS,
     check,
@@ -40,7 +40,6 @@ from .validation import (
     parameter_names,
     validate_hyperparameters,
 )
-from .validation import FRAMEWORK_FLAGS as FRAMEWORK_FLAGS  # re-exported: part of the API
 
 
 class BatchKey(NamedTuple):
@@ -172,7 +171,7 @@ class Dion(Optimizer):
         if self.replicate_group is not None:
             groups = self.param_groups
             check_replicas(self._comm, self.replicate_group, parameter_names(groups),
-                           [_description(gi, g, p) for gi, g in enumerate(groups)
+                           [describe(gi, g, p) for gi, g in enumerate(groups)
                             for p in g["params"]],
                            [local_tensor(p).detach() for g in groups for p in g["params"]])
 
@@ -548,10 +547,3 @@ class Dion(Optimizer):
             self.state[p]["step"] += good
             for targets, values in new:
                 masked_copy_(targets[i], values[i], ok[i])
-
-def _description(gi: int, group: dict[str, Any], p: Tensor) -> str:
-    """What must be equal on every replica for one parameter: its group, shape, dtype and the
-    group's settings (a tensor lr by value: its device may differ between replicas)."""
-    settings = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in group.items()
-                if k in CHECKS}
-    return f"group {gi}, shape {tuple(p.shape)}, {p.dtype}, {sorted(settings.items())}"

@@ -1,6 +1,6 @@
 """The one request the math makes of a layout: complete a partial sum.
 
-The per-matrix math (``update.py``, ``orthogonalize.py``) is written over local blocks as
+The per-matrix math (``update.py``, ``orthonormalize.py``) is written over local blocks as
 generators. Wherever a quantity is a sum over a dimension that a layout may split across
 processes, the math yields ``Reduce(partial, axes)`` and continues with the completed tensor that
 the driver sends back. The driver runs every matrix's generator in lockstep, so the requests of

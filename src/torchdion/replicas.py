@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .comm import Comm
+from .validation import CHECKS
 
 
 def structure_hash(description: str) -> int:
@@ -71,3 +72,11 @@ def check_replicas(comm: Comm, group: Any, names: Sequence[str], descriptions: S
             f"replicate_group: replicas start from different weights ({len(apart)} "
             f"parameter(s), first {names[apart[0]]}); broadcast the model from one rank "
             "(or seed it identically) before building the optimizer")
+
+
+def describe(gi: int, group: dict[str, Any], p: Tensor) -> str:
+    """What must be equal on every replica for one parameter: its group, shape, dtype and the
+    group's settings (a tensor lr by value: its device may differ between replicas)."""
+    settings = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in group.items()
+                if k in CHECKS}
+    return f"group {gi}, shape {tuple(p.shape)}, {p.dtype}, {sorted(settings.items())}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .orthogonalize import orthonormalize
+from .orthonormalize import orthonormalize
 from .reduce import Reduce, any_true
 
 
@@ -268,7 +268,7 @@ def dion_update(
     ``momentum_dtype``: the momentum's storage dtype; where it is not B's, the new momentum is
     formed here and an entry that would overflow it is not ``ok``.
     Using the replica's own R_i in the error feedback leaves the replicas' mean momentum exact
-    and stops each replica's momentum drifting from the mean (DESIGN.md section 2).
+    and stops each replica's momentum drifting from the mean (docs/design.md section 2).
     With ``power_iters`` > 1 the step repeats with the new Q before the error feedback.
     """
     low = None if matmul_dtype in (None, B.dtype) else matmul_dtype

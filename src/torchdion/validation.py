@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .orthogonalize import METHODS
+from .orthonormalize import METHODS
 
 ALGORITHMS = ("dion", "adamw", "lion")
 LR_SCALES = ("spectral", "rms", "none")

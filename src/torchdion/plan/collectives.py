@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..comm import Ledger, RecordingComm
 from ..matrix_plan import dion_rank
-from ..orthogonalize import METHODS
+from ..orthonormalize import METHODS
 from ..reduce import run_lockstep
 from ..update import dion_update
 from .shard import AXES, Parallelism, Param, local_shape, matrix_plan
