@@ -162,6 +162,7 @@ def test_copy_with_a_process_group_is_refused_at_copy_time():
 @pytest.mark.parametrize("key,value,pattern", [
     ("lr", math.nan, r"param_groups\[0\]\.lr must be a finite number"),
     ("lr", 1e300 * 1e10, r"param_groups\[0\]\.lr must be"),
+    ("lr", 1e300, r"param_groups\[0\]\.lr=1e\+300 overflows torch.float32 .*\['params'\]\[0\]"),
     ("lr", -0.1, r"param_groups\[0\]\.lr must be"),
     ("mu", 1.0, r"param_groups\[0\]\.mu must be"),
     ("betas", (0.9,), r"param_groups\[0\]\.betas must be"),

@@ -356,6 +356,7 @@ class Dion(Optimizer):
             check_group_keys(group, self.defaults, where)
             validate_hyperparameters(group, where)
             expected = STATE_KEYS[group["algorithm"]]
+            lr = float(group["lr"])
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and set(state) != expected:
@@ -363,8 +364,11 @@ class Dion(Optimizer):
                         f"{where}algorithm is {group['algorithm']!r}, but parameter "
                         f"{self._name(p)} holds the state of another algorithm "
                         f"({sorted(state)}); the algorithm cannot change after a first step")
+                scale = 1.0
                 if group["algorithm"] == "dion":
-                    self.plan(p, group)
+                    plan = self.plan(p, group)
+                    scale = lr_scale_factor(group["lr_scale"], plan.m, plan.n)
+                _check_scalars_fit(lr, scale, group["weight_decay"], p, where, self._name)
 
     # ----------------------------------------------------------------- the step
 
@@ -547,3 +551,13 @@ class Dion(Optimizer):
             self.state[p]["step"] += good
             for targets, values in new:
                 masked_copy_(targets[i], values[i], ok[i])
+
+
+def _check_scalars_fit(lr: float, scale: float, weight_decay: float, p: Tensor, where: str,
+                       name_of: Callable[[Tensor], str]) -> None:
+    """The step's scalars (lr times the update's scale, lr times weight decay) must be finite in
+    the dtype the step computes in; a huge but finite lr would otherwise fail mid-write."""
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if max(lr * scale, lr * weight_decay) > torch.finfo(compute).max:
+        raise ValueError(f"{where}lr={lr!r} overflows {compute} in the update of parameter "
+                         f"{name_of(p)}")
