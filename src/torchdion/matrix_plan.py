@@ -171,13 +171,15 @@ def plan_matrix(
     replicas: Any = None,
     replicas_size: int = 1,
     name: str = "",
+    algorithm: str = "dion",
 ) -> MatrixPlan:
     """The plan of a Dion parameter of global ``shape`` split by ``shards``.
 
     ``replicas``: the data-parallel group whose gradients the optimizer synchronizes itself
     (None: gradients arrive complete), of ``replicas_size`` processes. Replicas exchange P and R
     only when that is cheaper than the gradient: where (a + b) r >= a b the gradient is averaged
-    instead and the step has no replica axis.
+    instead and the step has no replica axis. ``algorithm`` names the per-matrix update that
+    consumes the plan (another one may read ``rank`` and ``replica_sync`` its own way).
     """
     shape = tuple(shape)
     name = name or f"of shape {shape}"
@@ -210,4 +212,4 @@ def plan_matrix(
             "and r x r) reductions")
     k = 0 if orthonormalize == "qr" else sketch_rows(r, a)
     ids = tuple(id(groups.get(axis)) for axis in AXES)
-    return MatrixPlan(m, n, transposed, rows, cols, r, k, sync, "dion", groups, ids)
+    return MatrixPlan(m, n, transposed, rows, cols, r, k, sync, algorithm, groups, ids)
