@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..comm import Ledger, RecordingComm
-from ..matrix_plan import dion_rank
+from ..matrix_plan import MatrixPlan, dion_rank
 from ..orthonormalize import METHODS
 from ..reduce import run_lockstep
 from ..update import dion_update
@@ -132,7 +132,8 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
     coords = par.coords(rank)
     comm = RecordingComm({axis: par.size(axis) for axis in AXES})
     syncs = sync_replicas and par.dp > 1
-    whole, gens, plans = [], [], []
+    whole = []
+    batches: dict[tuple[MatrixPlan, int], int] = {}  # equal plans step stacked, as in Dion
     for p in params:
         local = local_shape(p, par, coords)
         if not p.matrix:
@@ -144,8 +145,11 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
         if plan.replica_sync == "gradient":
             whole.append(_meta(local, p.itemsize))
         compute = 8 if p.itemsize == 8 else 4  # the math runs in fp32, fp64 for fp64
-        B = _meta((1, *plan.local_shape), compute)
-        Q = _meta((1, *plan.q_shape), compute)
+        batches[(plan, compute)] = batches.get((plan, compute), 0) + 1
+    gens, plans = [], []
+    for (plan, compute), count in batches.items():
+        B = _meta((count, *plan.local_shape), compute)
+        Q = _meta((count, *plan.q_shape), compute)
         sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
             else None
         gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,
