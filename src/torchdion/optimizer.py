@@ -315,17 +315,20 @@ class Dion(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
         dtype = group["state_dtype"] or p.dtype
-        zeros = dict(dtype=dtype, memory_format=torch.contiguous_format)
+
+        def zeros() -> Tensor:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
         state["step"] = 0
         if group["algorithm"] == "dion":
             plan = self.plan(p, group)
-            state["momentum"] = torch.zeros_like(p, **zeros)
+            state["momentum"] = zeros()
             Q = initial_q(plan.b, plan.rank, self.seed, index, dtype)[plan.col_slice]
             state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
         else:
-            state["exp_avg"] = torch.zeros_like(p, **zeros)
+            state["exp_avg"] = zeros()
             if group["algorithm"] == "adamw":
-                state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
+                state["exp_avg_sq"] = zeros()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; everything is checked first (:mod:`torchdion.checkpoint`), so a

@@ -104,14 +104,16 @@ def orthonormalize(
     the batch entries whose Gram matrix is not positive definite. Every rank sees the same reduced
     Gram, so all ranks take the same branch.
     """
+    if method not in METHODS:
+        raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")
     if method == "qr":
         return torch.linalg.qr(P).Q
+    if sketch is None:  # the plan gives every method but "qr" a sketch
+        raise ValueError(f"orthonormalize={method!r} needs the randomized sketch")
     if method == "cholesky":
         Pc, failed = yield from cholesky_qr(P)
         if not any_true(failed):
             return Pc
         Pr, _ = yield from randomized_qr(P, sketch, overwrite)
         return torch.where(failed[..., None, None], Pr, Pc)
-    if method == "randomized":
-        return (yield from randomized_qr(P, sketch, overwrite))[0]
-    raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")
+    return (yield from randomized_qr(P, sketch, overwrite))[0]

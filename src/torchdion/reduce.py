@@ -60,7 +60,7 @@ def run_lockstep(
 
     def advance(i: int, value: Tensor | None) -> None:
         try:
-            pending[i] = gens[i].send(value)
+            pending[i] = gens[i].send(value)  # type: ignore[arg-type]  # None starts it
         except StopIteration as stop:
             results[i] = stop.value
 
