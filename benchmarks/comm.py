@@ -22,7 +22,8 @@ Arms, each stepped in W processes over gloo with a file store:
 
 Every torch.distributed collective issued in a measured step is counted by wrapping the
 torch.distributed functions; for Dion the optimizer's ledger (opt.comm_stats()) must agree with
-that count and with the DESIGN.md section 2 formula, or the benchmark exits non-zero.
+that count and with torchdion.plan's prediction (the optimizer's own update run on shapes), or
+the benchmark exits non-zero.
 
 Conventions. "Payload" is what the optimizer's ledger records: the bytes handed to each
 collective (an all-reduce's tensor; an all-gather's or reduce-scatter's input). "Ring bytes" is
@@ -56,6 +57,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from torchdion.matrix_plan import chunk, dion_rank
+from torchdion.plan import (
+    DionConfig,
+    Parallelism,
+    dion_collectives,
+    ledger,
+    params_from_module,
+    powersgd_elements,
+)
 
 HIDDEN = 768
 VOCAB = 50257
@@ -220,69 +231,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ formulas
 
-def _chunk(size: int, parts: int, index: int) -> int:
-    # torch.chunk / DTensor Shard sizes: ceil-sized pieces, the last ones short or empty.
-    step = -(-size // parts)
-    start = min(index * step, size)
-    return min(start + step, size) - start
-
-
-def dion_rank(b: int, fraction: float) -> int:
-    return max(1, min(b, math.ceil(fraction * b)))
-
-
-def dion_formula(shapes: list[tuple[int, ...]], fraction: float, *, replicas: int = 1,
-                 fsdp: int = 1, rank: int = 0) -> dict[str, int]:
-    """Elements one rank sends per step, by ledger kind, from the DESIGN.md section 2 table.
-
-    ``replicas``: the size of the replicate group whose gradients the optimizer syncs (DDP
-    compressed). ``fsdp``: FSDP2 shards dim 0 of every parameter over this many ranks.
-    """
-    out = {"grad": 0, "P": 0, "R": 0, "sketch": 0, "gram": 0, "norms": 0}
-    for shape in shapes:
-        if shape not in BLOCK_SHAPES:
-            if replicas > 1:
-                out["grad"] += math.prod(shape)  # element-wise: plain gradient average
-            continue
-        m, n = shape
-        a, b = max(m, n), min(m, n)
-        r = dion_rank(b, fraction)
-        if replicas > 1 and (a + b) * r >= a * b:
-            out["grad"] += m * n  # compression would not save bytes
-            replicas_here = 1
-        else:
-            replicas_here = replicas
-        # dim 0 of X is A's rows when X is tall (or square), A's columns when X is wide
-        rows_split = fsdp if m >= n else 1
-        cols_split = fsdp if m < n else 1
-        a_loc = _chunk(a, rows_split, rank if rows_split > 1 else 0)
-        b_loc = _chunk(b, cols_split, rank if cols_split > 1 else 0)
-        out["P"] += a_loc * r * ((cols_split > 1) + (replicas_here > 1))
-        if rows_split > 1:
-            k = min(a, math.ceil(1.25 * r / 128) * 128)  # the cap at a never binds here
-            out["sketch"] += k * r
-            out["gram"] += r * r
-        out["R"] += b_loc * r * ((rows_split > 1) + (replicas_here > 1))
-        if cols_split > 1:
-            out["norms"] += r
-    return {k: v for k, v in out.items() if v}
-
-
-def powersgd_formula(shapes: list[tuple[int, ...]], rank: int,
-                     min_compression_rate: float) -> dict[str, int]:
-    """PowerSGD's documented rule: a tensor viewed as (shape[0], -1) is compressed when
-    (rows + cols) r * min_compression_rate < rows * cols; the rest is all-reduced as is."""
-    out = {"uncompressed": 0, "P": 0, "Q": 0}
-    for shape in shapes:
-        rows = shape[0]
-        cols = math.prod(shape) // rows
-        r = min(rows, cols, rank)
-        if (rows + cols) * r * min_compression_rate < rows * cols:
-            out["P"] += rows * r
-            out["Q"] += cols * r
-        else:
-            out["uncompressed"] += rows * cols
-    return out
+def dion_prediction(model: nn.Module, fraction: float, par: Parallelism,
+                    rank: int) -> dict[str, int]:
+    """Elements one rank's ledger records per step, by kind, as torchdion.plan predicts them:
+    the optimizer's own update run on shapes through a recording comm (model unsharded)."""
+    predicted = ledger(dion_collectives(params_from_module(model), par, DionConfig(fraction),
+                                        rank))
+    return {kind: v["elements"] for kind, v in predicted["by_kind"].items()}
 
 
 # ------------------------------------------------------------------------------ arms (worker)
@@ -370,7 +325,7 @@ def arm_ddp_powersgd(layers, world, rank, counter, matched_rank, quick,
     measured = steps[POWERSGD_START:]
     assert all(s["fwd_bwd"] == measured[0]["fwd_bwd"] for s in measured), "PowerSGD bytes vary"
     return dict(steps=steps, measured=measured[-1]["fwd_bwd"],
-                formula=powersgd_formula(_shapes(model), matched_rank, min_compression_rate))
+                formula=powersgd_elements(_shapes(model), matched_rank, min_compression_rate))
 
 
 def _dion(model, fraction, **kw):
@@ -385,7 +340,7 @@ def arm_dion_ddp(layers, world, rank, counter, fraction):
     opt = _dion(model, fraction, replicate_group=dist.group.WORLD)
     steps = _train_steps(model, opt, counter, rank, 2)
     return dict(steps=steps, measured=steps[-1]["opt"], ledger=steps[-1]["ledger"],
-                formula=dion_formula(_shapes(model), fraction, replicas=world))
+                formula=dion_prediction(model, fraction, Parallelism(dp=world), rank))
 
 
 def arm_dion_fsdp(layers, world, rank, counter, fraction):
@@ -394,7 +349,7 @@ def arm_dion_fsdp(layers, world, rank, counter, fraction):
 
     mesh = init_device_mesh("cpu", (world,))
     model = make_model(layers)
-    shapes = _shapes(model)
+    formula = dion_prediction(model, fraction, Parallelism(fsdp=world), rank)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -402,14 +357,14 @@ def arm_dion_fsdp(layers, world, rank, counter, fraction):
     steps = _train_steps(model, opt, counter, rank, 2)
     return dict(steps=steps, measured=steps[-1]["opt"], ledger=steps[-1]["ledger"],
                 fsdp_own=steps[-1]["fwd_bwd"],
-                formula=dion_formula(shapes, fraction, fsdp=world, rank=rank))
+                formula=formula)
 
 
 def worker(rank: int, world: int, layers: int, store: str, out: str, quick: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     counter = CollectiveCounter()
-    matched_rank = dion_rank(HIDDEN, 1 / 4)
+    matched_rank = dion_rank(HIDDEN, 1 / 4, 1)
     arms = [("ddp_adamw", lambda: arm_ddp_adamw(layers, world, rank, counter)),
             ("ddp_powersgd", lambda: arm_ddp_powersgd(layers, world, rank, counter,
                                                       matched_rank, quick))]
@@ -489,7 +444,7 @@ def muon_gather(layers: int, world: int) -> dict[str, float]:
     """Computed: under FSDP a Newton-Schulz Muon all-gathers every hidden matrix (its momentum)
     on every rank, each rank handing in its 1/W shard."""
     full = layers * sum(m * n for m, n in BLOCK_SHAPES)
-    payload = sum(layers * _chunk(m, world, 0) * n for m, n in BLOCK_SHAPES) * 4
+    payload = sum(layers * (chunk(m, world, 0)[1] * n) for m, n in BLOCK_SHAPES) * 4
     return dict(bytes=payload, collectives=layers * len(BLOCK_SHAPES), full_bytes=full * 4,
                 ring_bytes=payload * (world - 1))
 
@@ -499,7 +454,8 @@ Conventions. *Payload*: bytes handed to each collective, the convention of torch
 (an all-reduce's tensor, an all-gather's or reduce-scatter's input). *Ring MB sent / rank*: what
 one rank sends with ring algorithms, 2 (W - 1) / W x payload for all-reduce, (W - 1) x payload
 for all-gather, (W - 1) / W x payload for reduce-scatter; the ratio column compares these.
-*Formula*: DESIGN.md section 2 (Dion), the full gradient (DDP), PowerSGD's documented rule; the
+*Formula*: torchdion.plan's prediction (Dion; the formulas of docs/design.md), the full gradient
+(DDP), PowerSGD's documented rule (torchdion.plan.powersgd_elements); the
 benchmark exits non-zero unless every measured Dion ledger equals its formula on every rank, and
 equals the collectives counted by wrapping torch.distributed.
 
@@ -641,7 +597,7 @@ def main() -> None:
                                  + "\n\n".join(sections) + "\n\n" + NOTES)
     if failures:
         sys.exit("measured != formula:\n" + "\n".join(failures))
-    print("every Dion ledger equals the DESIGN.md formula and the counted collectives")
+    print("every Dion ledger equals the planner's prediction and the counted collectives")
 
 
 if __name__ == "__main__":

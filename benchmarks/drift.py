@@ -39,22 +39,18 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torchdion
-import torchdion.optimizer as dion_optimizer
+from torchdion.update import dion_update
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = ("own R", "mean R", "own R, start +1 ulp")
-_original_dion_update = dion_optimizer.dion_update
-_use_mean_r = False
 
 
-def _dion_update_maybe_mean_r(*args, **kwargs):
-    """dion_update, except that with ``_use_mean_r`` the error feedback uses the averaged R.
+def mean_r_update(*args, **kwargs):
+    """dion_update, except that the error feedback uses the averaged R (``Dion(update=...)``).
 
     The replica average of R is the answer to the one request over the "replica" axis alone;
     substituting it for R_own in the result is exactly the rejected variant."""
-    gen = _original_dion_update(*args, **kwargs)
-    if not _use_mean_r:
-        return (yield from gen)
+    gen = dion_update(*args, **kwargs)
     mean_r = None
     request = next(gen)
     while True:
@@ -109,10 +105,8 @@ def drift(opt: torchdion.Dion, world: int) -> float:
 
 
 def worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
-    global _use_mean_r
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    dion_optimizer.dion_update = _dion_update_maybe_mean_r
     teacher = make_model(args.seed + 1)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -122,7 +116,9 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
             p.copy_(torch.nextafter(p, torch.full_like(p, torch.inf)))
     opts = [torchdion.Dion(m.parameters(), lr=args.lr, mu=args.mu,
                            rank_fraction=args.rank_fraction, weight_decay=0.0,
-                           replicate_group=dist.group.WORLD, seed=args.seed) for m in models]
+                           replicate_group=dist.group.WORLD, seed=args.seed,
+                           update=mean_r_update if v == "mean R" else dion_update)
+            for v, m in zip(VARIANTS, models)]
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each replica its own data
     with torch.no_grad():  # noise as large as the signal, so replicas' gradients differ
         signal = teacher(torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))).std()
@@ -134,13 +130,11 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
         x = torch.randn(args.batch, 64, generator=gen)
         y = teacher(x) + signal * torch.randn(args.batch, 32, generator=gen)
         losses = []
-        for v, model, opt in zip(VARIANTS, models, opts):
+        for model, opt in zip(models, opts):
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _use_mean_r = v == "mean R"
             opt.step()
-            _use_mean_r = False
             losses.append(loss.detach())
         if step % args.record_every == 0 or step == args.steps:
             mean_loss = torch.stack(losses)

@@ -147,7 +147,7 @@ def matmul_probes(layers: int, device: torch.device, dtype: torch.dtype = torch.
 def orthonormalize_probes(layers: int, device: torch.device):
     """For each rank fraction, the default (randomized) orthonormalization of P-shaped fp32
     batches (layers, a, r): the part of a bf16-matmul step that stays fp32."""
-    from torchdion.orthogonalize import orthonormalize, sketch_matrix, sketch_rows
+    from torchdion.orthonormalize import orthonormalize, sketch_matrix, sketch_rows
     from torchdion.reduce import run_lockstep
 
     gen = torch.Generator().manual_seed(3)

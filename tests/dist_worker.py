@@ -24,12 +24,12 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import torchdion
-from torchdion.orthogonalize import sketch_rows
+from torchdion.matrix_plan import dion_rank
+from torchdion.orthonormalize import sketch_rows
 from torchdion.parallel import fsdp_beside_tp
-from torchdion.update import dion_rank
 
 STEPS = 10
-GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (DESIGN.md section 4)
+GLOBAL_BATCH = 256  # larger than every matrix dim: momentum of full rank (docs/design.md section 7)
 
 
 class Net(nn.Module):
@@ -169,7 +169,9 @@ LAYOUTS = {
 
 
 def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int]:
-    """Elements this rank should send per step, by kind, from the DESIGN.md section 2 table."""
+    """Elements this rank should send per step, by kind, from the docs/design.md section 2 table.
+
+    Written from the table, independently of the library's plan and comm on purpose."""
     out: dict[str, int] = {}
 
     def add(kind, n):
@@ -183,7 +185,7 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 if syncs:
                     add("grad", local.numel())
                 continue
-            lay = opt.layout(p, group)
+            lay = opt.plan(p, group)
             r = dion_rank(lay.b, rank_fraction, 1)
             a_loc, b_loc = lay.rows[1] - lay.rows[0], lay.cols[1] - lay.cols[0]
             size = {ax: (1 if g is None else dist.get_world_size(g))
@@ -333,12 +335,89 @@ def extra_checks(world, rank) -> dict:
     model, _, _ = fsdp(world, rank)
     out["qr_error"] = expect_error(lambda: make_opt(model, 0.25, "qr"))
 
+    out.update(uneven_gradients(world, rank))
+    out.update(structure_mismatches(rank))
+    out.update(ledger_is_complete(world, rank))
+
     if world == 4:
         # FSDP and TP both sharding dim 0 give a _StridedShard: refused, naming the parameter.
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         model = parallelize_module(make_net(), mesh["tp"], tp_plan())
         fully_shard(model, mesh=mesh["dp"])
         out["placement_error"] = expect_error(lambda: make_opt(model, 0.25, "randomized"))
+    return out
+
+
+def uneven_gradients(world, rank) -> dict:
+    """Two same-shape matrices; each rank has a gradient for one of them only (even ranks A,
+    odd ranks B). A missing gradient counts as zero in the replicas' mean, so the step equals a
+    single process given the mean of the present gradients (zeros elsewhere)."""
+    def grads(r):
+        gen = torch.Generator().manual_seed(100 + r)
+        return torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+
+    def fresh():
+        gen = torch.Generator().manual_seed(7)
+        return [nn.Parameter(torch.randn(16, 8, generator=gen)) for _ in range(2)]
+
+    ab = fresh()
+    opt = torchdion.Dion(ab, lr=0.1, rank_fraction=0.25, replicate_group=dist.group.WORLD)
+    gA, gB = grads(rank)
+    ab[rank % 2].grad = (gA, gB)[rank % 2]
+    opt.step()
+    ref = fresh()
+    for i, p in enumerate(ref):
+        p.grad = sum(grads(r)[i] for r in range(world) if r % 2 == i) / world
+    ref_opt = torchdion.Dion(ref, lr=0.1, rank_fraction=0.25)
+    ref_opt.step()
+    return {"uneven_err": max(rel_err(p.detach(), q.detach()) for p, q in zip(ab, ref)),
+            "uneven_skips": opt.nonfinite_skips}
+
+
+def structure_mismatches(rank) -> dict:
+    """Replicas that differ in structure are refused with a ValueError naming the first
+    differing parameter, on every rank, instead of aborting in gloo or drifting."""
+    def build(extra=False, rank_fraction=0.25, swap=False):
+        model = make_net()
+        if extra:
+            model.extra = nn.Linear(8, 8, bias=False)
+        if swap:  # same parameters, another order
+            model.w1, model.w2 = model.w2, model.w1
+        return make_opt(model, rank_fraction, "randomized", replicate_group=dist.group.WORLD)
+
+    odd = rank % 2 == 1
+    return {"extra_param_error": expect_error(lambda: build(extra=odd)),
+            "rank_fraction_error": expect_error(lambda: build(rank_fraction=0.5 if odd else 0.25)),
+            "order_error": expect_error(lambda: build(swap=odd))}
+
+
+def ledger_is_complete(world, rank) -> dict:
+    """Every all-reduce the optimizer issues (construction, a step, averaging the state) is in
+    its ledger: torch.distributed.all_reduce is wrapped and its calls compared."""
+    sent = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return real(tensor, *args, **kwargs)
+
+    out = {}
+    model, kw, rows = ddp(world, rank)
+    dist.all_reduce = counting
+    try:
+        opt = make_opt(model, 0.25, "randomized", **kw)
+        out["ledger_init"] = [len(sent), sum(sent), opt.comm_stats()["collectives"],
+                              opt.comm_stats()["bytes"]]
+        sent.clear()
+        train(model, opt, rows, 0, 1)
+        out["ledger_step"] = [len(sent), sum(sent), opt.comm_stats()["collectives"],
+                              opt.comm_stats()["bytes"]]
+        sent.clear()
+        opt.average_replica_state()
+        out["ledger_state"] = [len(sent), sum(sent), opt.comm_stats()["collectives"],
+                               opt.comm_stats()["bytes"]]
+    finally:
+        dist.all_reduce = real
     return out
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/comm.py --quick exits 0: every Dion ledger equals the DESIGN.md formula.
+"""benchmarks/comm.py --quick exits 0: every Dion ledger equals the planner's prediction.
 
 The benchmark asserts measured == formula itself; this test only runs it. It takes about 50 s on
 the 2-core development machine (2 gloo processes stepping GPT-2 small's 2-layer shapes with its
@@ -24,4 +24,4 @@ def test_comm_benchmark_quick_matches_formulas():
     proc = subprocess.run([sys.executable, str(BENCHMARK), "--quick"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "every Dion ledger equals the DESIGN.md formula" in proc.stdout
+    assert "every Dion ledger equals the planner's prediction" in proc.stdout

@@ -160,3 +160,30 @@ def test_nonfinite_gradient_on_one_replica_is_skipped_by_all(results, world):
 def test_qr_is_refused_on_sharded_rows(results, world):
     for r in scenarios(results, world=world, name="extra"):
         assert "orthonormalize='qr'" in r["qr_error"] and "w1.weight" in r["qr_error"], r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gradient_on_some_replicas_only_counts_as_zero_elsewhere(results, world):
+    """Issue 10 item 1: before, factors were bucketed by position and replicas drifted."""
+    for r in scenarios(results, world=world, name="extra"):
+        assert r["uneven_err"] < 1e-12 and r["uneven_skips"] == 0, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicas_with_different_structure_are_refused_naming_the_parameter(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        extra = r["extra_param_error"]
+        assert "replicate_group" in extra and "parameters" in extra, r
+        if r["rank"] % 2:  # the replica that has it names it
+            assert "extra.weight" in extra, r
+        for key in ("rank_fraction_error", "order_error"):
+            assert "w1.weight" in r[key] and "not the same on every replica" in r[key], r
+            assert "different weights" not in r[key], r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_collective_is_in_the_ledger(results, world):
+    for r in scenarios(results, world=world, name="extra"):
+        for key in ("ledger_init", "ledger_step", "ledger_state"):
+            calls, nbytes, collectives, ledger_bytes = r[key]
+            assert calls == collectives > 0 and nbytes == ledger_bytes > 0, (key, r)

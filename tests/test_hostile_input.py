@@ -118,7 +118,7 @@ def _snapshot(opt):
     state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v)
                      for k, v in opt.state[p].items()} for p in opt.state}
     return dict(weights=[p.detach().clone() for p in params], groups=groups, state=state,
-                attrs=sorted(vars(opt)), layouts=sorted(map(id, opt._layouts)),
+                attrs=sorted(vars(opt)), layouts=sorted(map(id, opt._plans)),
                 skips=opt.nonfinite_skips)
 
 

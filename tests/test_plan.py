@@ -72,7 +72,7 @@ def test_predicted_ledger_equals_measured(measured):
 
 
 def test_predicted_elements_equal_design_formulas(measured):
-    # dist_worker.expected_elements (DESIGN.md section 2); it counts a Gram for "qr", which
+    # dist_worker.expected_elements (docs/design.md section 2); it counts a Gram for "qr", which
     # orthonormalizes locally and sends none, so "qr" is checked against the ledger alone.
     for r in measured:
         if r["method"] != "qr":

@@ -1,4 +1,4 @@
-"""torchdion.Dion against the float64 reference of DESIGN.md section 1, and the full-rank facts
+"""torchdion.Dion against the float64 reference of docs/design.md section 1, and the full-rank facts
 that follow from the equations (momentum mu * B, polar factor, error feedback, orthonormal P)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from helpers import align_signs, dion_and_reference, rel_err, unit_columns
 from reference import ReferenceDion, polar
 
 import torchdion
-from torchdion.orthogonalize import cholesky_qr, orthonormalize, sketch_matrix
+from torchdion.orthonormalize import cholesky_qr, orthonormalize, sketch_matrix
 from torchdion.reduce import run_lockstep
 
 METHODS = ("qr", "cholesky", "randomized")

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from torchdion.orthogonalize import sketch_matrix, sketch_rows
+from torchdion.matrix_plan import dion_rank
+from torchdion.orthonormalize import sketch_matrix, sketch_rows
 from torchdion.reduce import run_lockstep
-from torchdion.update import dion_rank, dion_update
+from torchdion.update import dion_update
 
 F64 = torch.float64
 

@@ -39,8 +39,10 @@ class Ledger:
     largest_matrix_fraction: float = 0.0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def record(self, kind: str, tensor: Tensor, largest: int, fraction: float = 0.0) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+    def record(self, kind: str, elements: int, itemsize: int, largest: int = 0,
+               fraction: float = 0.0) -> None:
+        """One collective of ``elements`` elements of ``itemsize`` bytes each."""
+        nbytes = elements * itemsize
         self.largest = max(self.largest, largest)
         self.largest_matrix_fraction = max(self.largest_matrix_fraction, fraction)
         self.bytes += nbytes
@@ -48,7 +50,7 @@ class Ledger:
         entry = self.by_kind.setdefault(kind, {"bytes": 0, "collectives": 0, "elements": 0})
         entry["bytes"] += nbytes
         entry["collectives"] += 1
-        entry["elements"] += tensor.numel()
+        entry["elements"] += elements
 
     def as_dict(self) -> dict[str, Any]:
         return {"bytes": self.bytes, "collectives": self.collectives, "largest": self.largest,
@@ -58,6 +60,15 @@ class Ledger:
 
 class Comm:
     """Issues the optimizer's collectives and keeps the ledger of the current step."""
+
+    def size(self, group: Any) -> int:
+        """Processes in ``group`` (None: this one alone)."""
+        return group_size(group)
+
+    def _issue(self, flat: Tensor, op: Any, group: Any, kind: str, async_op: bool) -> Any:
+        """The one call to torch.distributed: all-reduce ``flat`` in place; returns the work
+        handle (None when not asynchronous)."""
+        return dist.all_reduce(flat, op=op, group=group, async_op=async_op)
 
     def __init__(self) -> None:
         self.ledger = Ledger()
@@ -86,10 +97,18 @@ class Comm:
 
         return finish
 
+    def all_reduce_max(self, tensors: Sequence[Tensor], group: Any, kind: str) -> list[Tensor]:
+        """The elementwise maxima across ``group`` (new tensors; the inputs stay as they are).
+        A minimum is the maximum of the negation."""
+        launched = self._launch(tensors, group, kind, None, async_op=False, op=dist.ReduceOp.MAX)
+        return self._collect(launched, tensors, group, mean=False)
+
     def _launch(self, tensors: Sequence[Tensor], group: Any, kind: str,
-                matrix_sizes: Sequence[int] | None, async_op: bool) -> list[tuple]:
-        """Issue one summing all-reduce per (dtype, device) bucket: [(work, flat, indices)]."""
-        if group_size(group) == 1 or not tensors:
+                matrix_sizes: Sequence[int] | None, async_op: bool,
+                op: Any = dist.ReduceOp.SUM) -> list[tuple]:
+        """Issue one all-reduce (a sum unless ``op`` says otherwise) per (dtype, device) bucket:
+        [(work, flat, indices)]."""
+        if self.size(group) == 1 or not tensors:
             return []
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
@@ -98,14 +117,14 @@ class Comm:
         for idx in buckets.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in idx])
             fraction = max(tensors[i].numel() / matrix_sizes[i] for i in idx) if matrix_sizes else 0
-            self.ledger.record(kind, flat, max(tensors[i].numel() for i in idx), fraction)
+            self.ledger.record(kind, flat.numel(), flat.element_size(),
+                               max(tensors[i].numel() for i in idx), fraction)
             # gloo has no AVG: sum here, divide in _collect.
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+            work = self._issue(flat, op, group, kind, async_op)
             launched.append((work, flat, idx))
         return launched
 
-    @staticmethod
-    def _collect(launched: list[tuple], tensors: Sequence[Tensor], group: Any,
+    def _collect(self, launched: list[tuple], tensors: Sequence[Tensor], group: Any,
                  mean: bool) -> list[Tensor]:
         """Wait for launched buckets; new tensors holding the sums (or means)."""
         out = list(tensors)
@@ -113,7 +132,7 @@ class Comm:
             if work is not None:
                 work.wait()
             if mean:
-                flat.div_(group_size(group))
+                flat.div_(self.size(group))
             for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
                 out[i] = piece.view(tensors[i].shape)
         return out
@@ -131,7 +150,7 @@ class Comm:
             buckets: dict[tuple, tuple[Any, list[int]]] = {}
             for i, (lay, req) in enumerate(zip(layouts, requests)):
                 group = lay.groups.get(axis)
-                if axis in req.axes and group_size(group) > 1:
+                if axis in req.axes and self.size(group) > 1:
                     buckets.setdefault((id(group), req.kind), (group, []))[1].append(i)
             for (_, kind), (group, idx) in buckets.items():
                 reduced = self._reduce([out[i] for i in idx], group, kind, axis == "replica",
@@ -139,3 +158,34 @@ class Comm:
                 for i, t in zip(idx, reduced):
                     out[i] = t
         return out
+
+
+@dataclass(frozen=True)
+class Record:
+    """One collective a :class:`RecordingComm` would have issued."""
+
+    group: Any
+    kind: str
+    elements: int
+    itemsize: int
+
+
+class RecordingComm(Comm):
+    """Issues nothing and records what :class:`Comm` would issue, through the same bucketing.
+
+    ``sizes`` maps each group (any hashable label, e.g. a mesh axis name) to its number of
+    processes. With shape-only (meta) tensors this is how the planner obtains the optimizer's
+    collectives from the real update, for models far larger than this machine.
+    """
+
+    def __init__(self, sizes: dict[Any, int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+        self.records: list[Record] = []
+
+    def size(self, group: Any) -> int:
+        return 1 if group is None else self.sizes[group]
+
+    def _issue(self, flat: Tensor, op: Any, group: Any, kind: str, async_op: bool) -> None:
+        self.records.append(Record(group, kind, flat.numel(), flat.element_size()))
+        return None

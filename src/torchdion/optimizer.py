@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,95 +13,43 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from . import elementwise
+from .checkpoint import check_loadable
 from .comm import Comm, group_size
-from .layout import Layout, layout_of, local_tensor, q_state
+from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
-from .orthogonalize import METHODS, sketch_matrix, sketch_rows
+from .matrix_plan import MatrixPlan, plan_matrix
 from .reduce import run_lockstep
+from .replicas import check_replicas, describe
 from .update import (
     DionStep,
     Workspace,
     accumulate,
-    dion_rank,
     dion_update,
     direction_tolerance,
     initial_q,
     lr_scale_factor,
 )
-
-ALGORITHMS = ("dion", "adamw", "lion")
-LR_SCALES = ("spectral", "rms", "none")
-MATMUL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Keys LR schedulers and torch itself add to groups; accepted, never required.
-_FOREIGN_KEYS = frozenset({"params", "initial_lr", "name", "param_names"})
-# Implementation switches of torch's optimizers, which frameworks (torchtitan, ...) put into every
-# group. Dion has one implementation, so False or None ("the default") is accepted and ignored;
-# True asks for something Dion does not do, and raises with the reason.
-FRAMEWORK_FLAGS = {
-    "fused": "Dion has no fused kernel (torchtitan: implementation='for-loop')",
-    "foreach": "Dion batches its tensors itself and has no foreach switch "
-               "(torchtitan: implementation='for-loop')",
-    "capturable": "Dion's step is not CUDA-graph capturable",
-    "differentiable": "Dion's step runs under no_grad and is not differentiable",
-    "maximize": "Dion only minimizes; negate the loss instead",
-}
+from .validation import FRAMEWORK_FLAGS as FRAMEWORK_FLAGS  # re-exported: part of the API
+from .validation import (
+    PLAN_KEYS,
+    STATE_KEYS,
+    check,
+    check_framework_flags,
+    check_group_keys,
+    parameter_name,
+    parameter_names,
+    validate_hyperparameters,
+)
 
 
-def _check(name: str, ok: bool, expected: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+class BatchKey(NamedTuple):
+    """Dion matrices step together (stacked) when all of these are equal."""
 
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_framework_flags(group: dict[str, Any], where: str = "") -> None:
-    """Raise ValueError for a framework flag (``fused``, ``foreach``, ...) not False or None."""
-    for key, why in FRAMEWORK_FLAGS.items():
-        value = group.get(key)
-        if value is not None and value is not False:
-            raise ValueError(f"{where}{key} must be False or None, got {value!r}: {why}")
-
-
-def validate_hyperparameters(group: dict[str, Any], where: str = "") -> None:
-    """Raise ValueError naming the first invalid hyperparameter of a group or of the defaults."""
-    p = f"{where}" if where else ""
-    lr = group["lr"]
-    # float() of a tensor of several elements raises, and an infinite one is no learning rate
-    tensor_lr = (isinstance(lr, Tensor) and lr.numel() == 1 and lr.dtype != torch.bool
-                 and not lr.is_complex() and math.isfinite(float(lr)))
-    _check(p + "lr", (_is_number(lr) or tensor_lr) and float(lr) >= 0,
-           "a finite number >= 0", lr)
-    _check(p + "mu", _is_number(group["mu"]) and 0 <= group["mu"] < 1, "in [0, 1)", group["mu"])
-    rf = group["rank_fraction"]
-    _check(p + "rank_fraction", _is_number(rf) and 0 < rf <= 1, "in (0, 1]", rf)
-    rm = group["rank_multiple_of"]
-    _check(p + "rank_multiple_of", isinstance(rm, int) and not isinstance(rm, bool) and rm >= 1,
-           "an int >= 1", rm)
-    wd = group["weight_decay"]
-    _check(p + "weight_decay", _is_number(wd) and wd >= 0, "a finite number >= 0", wd)
-    betas = group["betas"]
-    _check(p + "betas", isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(_is_number(b) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)", betas)
-    _check(p + "eps", _is_number(group["eps"]) and group["eps"] >= 0, "a finite number >= 0",
-           group["eps"])
-    pi = group["power_iters"]
-    _check(p + "power_iters", isinstance(pi, int) and not isinstance(pi, bool) and pi >= 1,
-           "an int >= 1", pi)
-    _check(p + "orthonormalize", group["orthonormalize"] in METHODS, f"one of {METHODS}",
-           group["orthonormalize"])
-    _check(p + "lr_scale", group["lr_scale"] in LR_SCALES, f"one of {LR_SCALES}",
-           group["lr_scale"])
-    _check(p + "algorithm", group["algorithm"] in ALGORITHMS, f"one of {ALGORITHMS}",
-           group["algorithm"])
-    _check(p + "flatten", isinstance(group["flatten"], bool), "a bool", group["flatten"])
-    sd = group["state_dtype"]
-    _check(p + "state_dtype", sd is None or (isinstance(sd, torch.dtype) and sd.is_floating_point),
-           "None or a floating torch.dtype", sd)
-    md = group["matmul_dtype"]
-    _check(p + "matmul_dtype", md is None or md in MATMUL_DTYPES,
-           "None, torch.bfloat16, torch.float16 or torch.float32", md)
+    group: int  # index into param_groups: its hyperparameters
+    plan: MatrixPlan  # shapes, block, rank and process groups
+    device: torch.device
+    dtype: torch.dtype
+    step: int  # the randomized sketch is drawn per step
 
 
 class Dion(Optimizer):
@@ -157,9 +104,20 @@ class Dion(Optimizer):
         gradients_synchronized: the gradients arriving at ``step`` are already averaged over
             ``replicate_group`` (e.g. by DDP); the optimizer then only keeps replicas' state equal.
 
+        update: the per-batch Dion step, :func:`torchdion.update.dion_update` unless given;
+            a substitute takes and returns what it does (for research variants and the drift
+            benchmark).
+
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
     (min(m, n), r) and ``state[p]["step"]``. A parameter whose step met a non-finite value keeps
     its weights and state for that step; ``nonfinite_skips`` counts such (parameter, step) pairs.
+
+    With ``replicate_group`` (gradients not synchronized), every trainable parameter takes part
+    in every step on every replica, and a replica without a gradient for it counts as a zero
+    gradient in the replicas' mean (as DDP does with unused parameters), so all replicas issue
+    the same collectives whatever gradients exist. Hyperparameters are validated again at every
+    step before anything is written; a change that the state cannot follow (a new rank after
+    the first step) raises.
     """
 
     def __init__(
@@ -184,6 +142,7 @@ class Dion(Optimizer):
         raise_on_nonfinite: bool = False,
         replicate_group: dist.ProcessGroup | DeviceMesh | None = None,
         gradients_synchronized: bool = False,
+        update: Callable[..., Any] = dion_update,
     ) -> None:
         defaults = dict(
             lr=lr, mu=mu, rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
@@ -193,32 +152,58 @@ class Dion(Optimizer):
             matmul_dtype=matmul_dtype,
         )
         validate_hyperparameters(defaults)
-        _check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
+        check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
+        check("update", callable(update), "callable", update)
         self.seed = seed
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.nonfinite_skips = 0  # the property below: a count kept on the device
         if isinstance(replicate_group, DeviceMesh):
-            _check("replicate_group", replicate_group.ndim == 1, "a 1-D DeviceMesh",
-                   replicate_group)
+            check("replicate_group", replicate_group.ndim == 1, "a 1-D DeviceMesh",
+                  replicate_group)
             replicate_group = replicate_group.get_group()
         self.replicate_group = None if group_size(replicate_group) == 1 else replicate_group
         self.gradients_synchronized = bool(gradients_synchronized)
+        self.update = update
         self._comm = Comm()
-        self._layouts: dict[Tensor, Layout] = {}
+        # per Dion parameter: its plan and the group settings it was made from
+        self._plans: dict[Tensor, tuple[tuple, MatrixPlan]] = {}
         super().__init__(params, defaults)
         if self.replicate_group is not None:
-            self._check_replicas_identical()
+            groups = self.param_groups
+            check_replicas(self._comm, self.replicate_group, parameter_names(groups),
+                           [describe(gi, g, p) for gi, g in enumerate(groups)
+                            for p in g["params"]],
+                           [local_tensor(p).detach() for g in groups for p in g["params"]])
+
+    # Copies (deepcopy, pickle, torch.save) keep the settings and rebuild what is derived.
+    _DERIVED = ("_comm", "_plans", "_workspace")
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.replicate_group is not None:
+            raise TypeError(
+                "a Dion optimizer with replicate_group cannot be copied or pickled: a process "
+                "group cannot be. Save optimizer.state_dict() (after average_replica_state()) "
+                "and load it into a new Dion built on the same group")
+        kept = {k: v for k, v in vars(self).items()
+                if k not in self._DERIVED and not k.startswith("_optimizer_")}
+        return {**kept, **super().__getstate__()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also called by torch's load_state_dict with only "state" and "param_groups"
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
+        super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; it is no hyperparameter of Dion's
+            self.defaults.pop("differentiable", None)
+        if "_comm" not in self.__dict__:  # a copy: rebuild what is derived
+            self._comm = Comm()
+            self._plans = {}
 
     # ----------------------------------------------------------------- groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        check_framework_flags(param_group, where=f"param_groups[{len(self.param_groups)}].")
-        unknown = set(param_group) - set(self.defaults) - _FOREIGN_KEYS - set(FRAMEWORK_FLAGS)
-        if unknown:
-            raise ValueError(
-                f"unknown parameter group key(s) {sorted(unknown)}; known keys: "
-                f"{sorted(self.defaults)}"
-            )
+        check_framework_flags(param_group, f"param_groups[{len(self.param_groups)}].")
+        check_group_keys(param_group, self.defaults, "")
         merged = {**self.defaults, **param_group}
         validate_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}].")
         super().add_param_group(param_group)
@@ -235,43 +220,40 @@ class Dion(Optimizer):
                                      f"{p.dtype}")
             if group["algorithm"] == "dion":
                 for p in group["params"]:  # shapes and placements fail here, not mid-step
-                    self.layout(p, group)
+                    self.plan(p, group)
         except ValueError:
             self.param_groups.pop()
-            for p in group["params"]:  # a failed add leaves no cached layout behind
-                self._layouts.pop(p, None)
+            for p in group["params"]:  # a failed add leaves no cached plan behind
+                self._plans.pop(p, None)
             raise
 
-    def layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
-        """Where the Dion parameter ``p`` lives: shape, orientation, local block, groups.
-
-        Replicas exchange P and R only when that is cheaper than the gradient: where
-        (a + b) r >= a b the gradient is averaged instead and the replica axis is dropped.
-        """
-        lay = self._layouts.get(p)
-        if lay is None:
-            replica = self.replicate_group if self._syncs_gradients() else None
-            lay = layout_of(p, group["flatten"], self._name(p), replica)
-            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-            if replica is not None and (lay.a + lay.b) * r >= lay.a * lay.b:
-                lay = layout_of(p, group["flatten"], self._name(p), None)
-            if group["orthonormalize"] == "qr" and group_size(lay.groups.get("row")) > 1:
-                raise ValueError(
-                    f"orthonormalize='qr' needs all rows of a matrix on one process, but "
-                    f"{self._name(p)} has its rows sharded; use 'randomized' or 'cholesky', "
-                    "whose only row sums are small (k x r and r x r) reductions")
-            self._layouts[p] = lay
-        return lay
+    def plan(self, p: Tensor, group: dict[str, Any]) -> MatrixPlan:
+        """The Dion parameter ``p``'s :class:`~torchdion.matrix_plan.MatrixPlan`: matrix shape,
+        orientation, local block, groups, rank, and what crosses the replicas. Computed on first
+        use and again when the group's :data:`~torchdion.validation.PLAN_KEYS` change; a change
+        of rank once ``p`` has a Q raises."""
+        settings = tuple(group[k] for k in PLAN_KEYS)
+        cached = self._plans.get(p)
+        if cached is not None and cached[0] == settings:
+            return cached[1]
+        name = self._name(p)
+        replicas = self.replicate_group if self._syncs_gradients() else None
+        plan = plan_matrix(
+            tuple(p.shape), shards_of(p, name), flatten=group["flatten"],
+            rank_fraction=group["rank_fraction"], rank_multiple_of=group["rank_multiple_of"],
+            orthonormalize=group["orthonormalize"], replicas=replicas,
+            replicas_size=group_size(replicas), name=name)
+        Q = self.state[p].get("Q") if p in self.state else None
+        if Q is not None and Q.shape[-1] != plan.rank:
+            raise ValueError(
+                f"parameter {name}: rank_fraction / rank_multiple_of changed after its first "
+                f"step (rank {Q.shape[-1]} -> {plan.rank}); Q cannot change rank. Set them "
+                "before the first step, or start a new optimizer")
+        self._plans[p] = (settings, plan)
+        return plan
 
     def _name(self, p: Tensor) -> str:
-        """The parameter's name for messages: its ``param_names`` entry when groups carry them."""
-        for gi, group in enumerate(self.param_groups):
-            for i, q in enumerate(group["params"]):
-                if q is p:
-                    if "param_names" in group:
-                        return f"{group['param_names'][i]!r} (shape {tuple(p.shape)})"
-                    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
-        return f"parameter of shape {tuple(p.shape)}"
+        return parameter_name(self.param_groups, p)
 
     def _syncs_gradients(self) -> bool:
         return self.replicate_group is not None and not self.gradients_synchronized
@@ -285,7 +267,8 @@ class Dion(Optimizer):
         ``largest_matrix_fraction`` the largest Dion factor sent relative to its matrix's m n
         (below 1: no matrix was ever reconstructed). Kinds: "grad" (element-wise
         and full-gradient sync), "P", "R", "sketch", "gram", "norms", "state" (checkpoint
-        averaging). Bytes are payloads handed to all-reduce.
+        averaging), "fingerprint" (the replicas' check at construction). Bytes are payloads
+        handed to all-reduce.
         """
         return self._comm.ledger.as_dict()
 
@@ -300,41 +283,19 @@ class Dion(Optimizer):
         momenta = [local_tensor(self.state[p]["momentum"])
                    for group in self.param_groups if group["algorithm"] == "dion"
                    for p in group["params"]
-                   if self.state[p] and self.layout(p, group).groups.get("replica") is not None]
+                   if self.state[p] and self.plan(p, group).replica_sync == "factors"]
         self._comm.all_reduce_mean(momenta, self.replicate_group, "state")
-
-    def _check_replicas_identical(self) -> None:
-        params = [local_tensor(p) for g in self.param_groups for p in g["params"]]
-        if not params:
-            return
-        # Fingerprints accumulated in fp64 without fp64 copies of large tensors (embeddings).
-        f64 = torch.float64
-        prints = torch.stack([
-            torch.stack([t.sum(dtype=f64), (t * t).sum(dtype=f64),
-                         t.flatten()[::7].sum(dtype=f64), t.flatten()[1::11].sum(dtype=f64)])
-            for t in params]).cpu()
-        lo, hi = prints.clone(), prints.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.replicate_group)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.replicate_group)
-        differ = (lo != hi).any(1).nonzero().flatten().tolist()
-        if differ:
-            names = [self._name(p) for g in self.param_groups for p in g["params"]]
-            raise ValueError(
-                f"replicate_group: replicas start from different weights ({len(differ)} "
-                f"parameter(s), first {names[differ[0]]}); broadcast the model from one rank "
-                "(or seed it identically) before building the optimizer"
-            )
 
     def _forget_replaced(self) -> None:
         """Drop what was kept for tensors that are no longer in ``param_groups``.
 
         Frameworks replace them after construction: Accelerate's FSDP2 ``prepare`` puts each
-        parameter's sharded DTensor in its place. The new tensors get their layout and state at
+        parameter's sharded DTensor in its place. The new tensors get their plan and state at
         this step, and the old ones can be freed. State already built for a replaced tensor
         cannot follow it (nothing says which tensor took its place), so that raises before
         anything is written."""
         current = {p for group in self.param_groups for p in group["params"]}
-        stale = [p for p in (*self._layouts, *self.state) if p not in current]
+        stale = [p for p in (*self._plans, *self.state) if p not in current]
         if not stale:
             return
         orphans = sum(1 for p in self.state if p not in current and self.state[p])
@@ -345,7 +306,7 @@ class Dion(Optimizer):
                 "place), and their state cannot follow them: build the optimizer after wrapping "
                 "the model and step only then, or save its state_dict before and load it after")
         for p in stale:
-            self._layouts.pop(p, None)
+            self._plans.pop(p, None)
             self.state.pop(p, None)
 
     def _param_index(self) -> dict[Tensor, int]:
@@ -354,27 +315,31 @@ class Dion(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
         dtype = group["state_dtype"] or p.dtype
-        zeros = dict(dtype=dtype, memory_format=torch.contiguous_format)
+
+        def zeros() -> Tensor:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
         state["step"] = 0
         if group["algorithm"] == "dion":
-            lay = self.layout(p, group)
-            r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-            state["momentum"] = torch.zeros_like(p, **zeros)
-            Q = initial_q(lay.b, r, self.seed, index, dtype)[lay.col_slice]
-            state["Q"] = q_state(Q.to(local_tensor(p).device), p, lay)
+            plan = self.plan(p, group)
+            state["momentum"] = zeros()
+            Q = initial_q(plan.b, plan.rank, self.seed, index, dtype)[plan.col_slice]
+            state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
         else:
-            state["exp_avg"] = torch.zeros_like(p, **zeros)
+            state["exp_avg"] = zeros()
             if group["algorithm"] == "adamw":
-                state["exp_avg_sq"] = torch.zeros_like(p, **zeros)
+                state["exp_avg_sq"] = zeros()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; shapes are checked first, so a mismatch changes nothing.
+        """Load a state dict; everything is checked first (:mod:`torchdion.checkpoint`), so a
+        state dict that does not fit raises ValueError and changes nothing.
 
         Q's rank must match: a checkpoint saved with another ``rank_fraction`` (or
-        ``rank_multiple_of``) raises ValueError rather than being silently reshaped. torch casts
-        floating state to the parameter's dtype on load; ``state_dtype`` is put back (exact: the
-        saved values were of that dtype)."""
-        self._check_loadable(state_dict)
+        ``rank_multiple_of``) raises rather than being silently reshaped. Group keys a checkpoint
+        lacks keep this optimizer's values. torch casts floating state to the parameter's dtype
+        on load; ``state_dtype`` is put back (exact: the saved values were of that dtype)."""
+        state_dict = check_loadable(state_dict, self.param_groups, set(self.defaults),
+                                    self.plan, self._name)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             dtype = group["state_dtype"]
@@ -386,38 +351,27 @@ class Dion(Optimizer):
                     if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
                         state[key] = value.to(dtype)
 
-    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this "
-                             f"optimizer has {len(self.param_groups)}")
-        saved_state = state_dict.get("state", {})
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} "
-                                 f"parameters, this optimizer's has {len(group['params'])}")
-            # torch would load these with the other hyperparameters, and the state would then
-            # not be the state of the algorithm that steps it
-            for name in ("algorithm", "flatten"):
-                if name in saved and saved[name] != group[name]:
-                    raise ValueError(f"state_dict param_groups[{gi}] has {name}="
-                                     f"{saved[name]!r}, this optimizer's has {group[name]!r}")
-            for key, p in zip(saved["params"], group["params"]):
-                state = saved_state.get(key, {})
-                for name in ("momentum", "exp_avg", "exp_avg_sq"):
-                    if name in state and tuple(state[name].shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"state_dict {name} of parameter {self._name(p)} has shape "
-                            f"{tuple(state[name].shape)}, expected {tuple(p.shape)}")
-                if "Q" in state and group["algorithm"] == "dion":
-                    lay = self.layout(p, group)
-                    r = dion_rank(lay.b, group["rank_fraction"], group["rank_multiple_of"])
-                    if tuple(state["Q"].shape) != (lay.b, r):
-                        raise ValueError(
-                            f"state_dict Q of parameter {self._name(p)} has shape "
-                            f"{tuple(state['Q'].shape)}, expected {(lay.b, r)}: the checkpoint "
-                            "was saved with another rank_fraction / rank_multiple_of; load it "
-                            "with the same ones")
+    def _check_groups(self) -> None:
+        """Every group's hyperparameters and every parameter's state and plan, before a step
+        writes anything: schedulers and users change param_groups between steps."""
+        for gi, group in enumerate(self.param_groups):
+            where = f"param_groups[{gi}]."
+            check_group_keys(group, self.defaults, where)
+            validate_hyperparameters(group, where)
+            expected = STATE_KEYS[group["algorithm"]]
+            lr = float(group["lr"])
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and set(state) != expected:
+                    raise ValueError(
+                        f"{where}algorithm is {group['algorithm']!r}, but parameter "
+                        f"{self._name(p)} holds the state of another algorithm "
+                        f"({sorted(state)}); the algorithm cannot change after a first step")
+                scale = 1.0
+                if group["algorithm"] == "dion":
+                    plan = self.plan(p, group)
+                    scale = lr_scale_factor(group["lr_scale"], plan.m, plan.n)
+                _check_scalars_fit(lr, scale, group["weight_decay"], p, where, self._name)
 
     # ----------------------------------------------------------------- the step
 
@@ -429,9 +383,13 @@ class Dion(Optimizer):
                 loss = closure()
 
         self._forget_replaced()
+        self._check_groups()
         self._comm.new_step()
         index = None
-        dion_batches: dict[tuple, list[Tensor]] = defaultdict(list)
+        # A replica without a gradient sends zeros, so that every replica's buckets line up.
+        zero_if_missing = self._syncs_gradients()
+        grads: dict[Tensor, Tensor] = {}
+        dion_batches: dict[BatchKey, list[Tensor]] = defaultdict(list)
         elementwise_groups: list[tuple[dict[str, Any], list[Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             with_grad = []
@@ -442,25 +400,28 @@ class Dion(Optimizer):
                 if not self.state[p] and (p.requires_grad or p.grad is not None):
                     index = index or self._param_index()
                     self._init_state(p, group, index[p])
-                if p.grad is None:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"{self._name(p)} has a sparse gradient; Dion needs "
+                                         "dense ones (nn.Embedding(sparse=False))")
+                    grads[p] = p.grad
+                elif zero_if_missing and self.state[p]:
+                    grads[p] = torch.zeros_like(p)
+                else:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{self._name(p)} has a sparse gradient; Dion needs "
-                                     "dense ones (nn.Embedding(sparse=False))")
                 with_grad.append(p)
             if group["algorithm"] == "dion":
                 for p in with_grad:
-                    lay = self.layout(p, group)
-                    key = (gi, lay, lay.group_ids, p.device, p.dtype, self.state[p]["Q"].shape,
-                           self.state[p]["step"])
+                    key = BatchKey(gi, self.plan(p, group), p.device, p.dtype,
+                                   self.state[p]["step"])
                     dion_batches[key].append(p)
             else:
                 elementwise_groups.append((group, with_grad))
 
-        finish_sync = self._start_gradient_sync(elementwise_groups, dion_batches)
-        dion_results = self._dion_phase(dion_batches)
+        finish_sync = self._start_gradient_sync(elementwise_groups, dion_batches, grads)
+        dion_results = self._dion_phase(dion_batches, grads)
         finish_sync()
-        elementwise_results = [self._elementwise_phase(group, params)
+        elementwise_results = [self._elementwise_phase(group, params, grads)
                                for group, params in elementwise_groups]
         oks = [ok for _, ok in dion_results] + [ok for _, _, ok in elementwise_results]
         if self.raise_on_nonfinite:  # the one opt-in read of a flag by the host
@@ -471,7 +432,7 @@ class Dion(Optimizer):
         self._count_skips(oks)
 
         for (key, params), (result, _) in zip(dion_batches.items(), dion_results):
-            self._apply_dion(self.param_groups[key[0]], key[1], params, result)
+            self._apply_dion(self.param_groups[key.group], key.plan, params, result)
         for params, new, ok in elementwise_results:
             self._apply_elementwise(params, new, ok)
         return loss
@@ -497,48 +458,48 @@ class Dion(Optimizer):
             total = torch.stack(bad).sum()
             counts[device] = counts[device] + total if device in counts else total
 
-    def _start_gradient_sync(self, elementwise_groups, dion_batches) -> Callable[[], None]:
+    def _start_gradient_sync(self, elementwise_groups, dion_batches,
+                             grads: dict[Tensor, Tensor]) -> Callable[[], None]:
         """Average the gradients that travel whole: element-wise ones and Dion matrices whose
         factors would not be smaller. One bucketed all-reduce, left in flight while Dion computes
         unless a Dion matrix needs its averaged gradient first. Returns the wait."""
         if not self._syncs_gradients():
             return lambda: None
         whole = [p for key, ps in dion_batches.items() for p in ps
-                 if key[1].groups.get("replica") is None]
-        grads = [local_tensor(p.grad) for _, ps in elementwise_groups for p in ps]
-        grads += [local_tensor(p.grad) for p in whole]
-        finish = self._comm.start_mean(grads, self.replicate_group, "grad")
+                 if key.plan.replica_sync == "gradient"]
+        tensors = [local_tensor(grads[p]) for _, ps in elementwise_groups for p in ps]
+        tensors += [local_tensor(grads[p]) for p in whole]
+        finish = self._comm.start_mean(tensors, self.replicate_group, "grad")
         if whole:
             finish()
         return finish
 
-    def _dion_phase(self, batches: dict[tuple, list[Tensor]]) -> list[tuple[DionStep, Tensor]]:
-        gens, layouts = [], []
+    def _dion_phase(self, batches: dict[BatchKey, list[Tensor]], grads: dict[Tensor, Tensor]
+                    ) -> list[tuple[DionStep, Tensor]]:
+        gens, plans = [], []
         # Set lazily: torch's optimizer pickling keeps only defaults, state and groups.
         workspace = self.__dict__.get("_workspace")
         if workspace is None:
             workspace = self._workspace = Workspace()
         workspace.begin()
-        for (gi, lay, _, device, _, q_shape, step), params in batches.items():
-            group = self.param_groups[gi]
+        for key, params in batches.items():
+            group, plan, device = self.param_groups[key.group], key.plan, key.device
             compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
             momenta = [self._local_matrix(self.state[p]["momentum"], group) for p in params]
-            B = accumulate(momenta, [self._local_matrix(p.grad, group) for p in params], compute,
+            B = accumulate(momenta, [self._local_matrix(grads[p], group) for p in params],
+                           compute,
                            workspace.take((len(params), *momenta[0].shape), compute, device))
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
-            sketch = None
-            if group["orthonormalize"] != "qr":
-                r = q_shape[-1]
-                sketch = sketch_matrix(sketch_rows(r, lay.a), lay.a, self.seed, step + 1, device,
-                                       compute)[:, lay.row_slice]
             matmul = group["matmul_dtype"]
-            gens.append(dion_update(
-                lay.canonical(B), Q, mu=group["mu"], eps=group["eps"],
-                method=group["orthonormalize"], sketch=sketch, power_iters=group["power_iters"],
-                tol=direction_tolerance(lay.a, lay.b, compute, matmul),
+            gens.append(self.update(
+                plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
+                method=group["orthonormalize"],
+                sketch=plan.sketch(self.seed, key.step + 1, device, compute),
+                power_iters=group["power_iters"],
+                tol=direction_tolerance(plan.a, plan.b, compute, matmul),
                 matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
-            layouts.append(lay)
-        results = run_lockstep(gens, layouts, self._comm.complete)
+            plans.append(plan)
+        results = run_lockstep(gens, plans, self._comm.complete)
         return [(res, res.ok) for res in results]
 
     @staticmethod
@@ -546,37 +507,38 @@ class Dion(Optimizer):
         t = local_tensor(t)
         return t.reshape(t.shape[0], -1) if group["flatten"] and t.ndim > 2 else t
 
-    def _apply_dion(self, group: dict[str, Any], lay: Layout, params: list[Tensor],
+    def _apply_dion(self, group: dict[str, Any], plan: MatrixPlan, params: list[Tensor],
                     res: DionStep) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        alpha = -lr * lr_scale_factor(group["lr_scale"], lay.m, lay.n)
+        alpha = -lr * lr_scale_factor(group["lr_scale"], plan.m, plan.n)
         for i, (p, ok) in enumerate(zip(params, res.ok.tolist())):
             if not ok:
                 continue
             state = self.state[p]
             state["step"] += 1
-            M = lay.canonical(self._local_matrix(state["momentum"], group))
+            M = plan.canonical(self._local_matrix(state["momentum"], group))
             res.write_momentum(i, M)
             local_tensor(state["Q"]).copy_(res.Q[i])
-            A = lay.canonical(self._local_matrix(p, group))
+            A = plan.canonical(self._local_matrix(p, group))
             res.apply_update(i, A, alpha, 1 - lr * wd)
 
-    def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor]):
+    def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],
+                           grads: dict[Tensor, Tensor]):
         """The new weights and state of an element-wise group, in fp32, unwritten, and per
         parameter whether all of it is finite in the dtype it will be written in."""
         states = [self.state[p] for p in params]
-        grads = [local_tensor(p.grad) for p in params]
+        g = [local_tensor(grads[p]) for p in params]
         targets = [[local_tensor(p) for p in params],
                    [local_tensor(s["exp_avg"]) for s in states]]
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), group["weight_decay"]
         if group["algorithm"] == "adamw":
             targets.append([local_tensor(s["exp_avg_sq"]) for s in states])
-            new = elementwise.adamw(targets[0], grads, targets[1], targets[2],
+            new = elementwise.adamw(targets[0], g, targets[1], targets[2],
                                     [s["step"] + 1 for s in states], lr=lr, beta1=beta1,
                                     beta2=beta2, eps=group["eps"], weight_decay=wd)
         else:
-            new = elementwise.lion(targets[0], grads, targets[1], lr=lr, beta1=beta1,
+            new = elementwise.lion(targets[0], g, targets[1], lr=lr, beta1=beta1,
                                    beta2=beta2, weight_decay=wd)
         ok = torch.ones(0, dtype=torch.bool)
         if params:
@@ -592,3 +554,13 @@ class Dion(Optimizer):
             self.state[p]["step"] += good
             for targets, values in new:
                 masked_copy_(targets[i], values[i], ok[i])
+
+
+def _check_scalars_fit(lr: float, scale: float, weight_decay: float, p: Tensor, where: str,
+                       name_of: Callable[[Tensor], str]) -> None:
+    """The step's scalars (lr times the update's scale, lr times weight decay) must be finite in
+    the dtype the step computes in; a huge but finite lr would otherwise fail mid-write."""
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if max(lr * scale, lr * weight_decay) > torch.finfo(compute).max:
+        raise ValueError(f"{where}lr={lr!r} overflows {compute} in the update of parameter "
+                         f"{name_of(p)}")

@@ -1,6 +1,6 @@
 """The one request the math makes of a layout: complete a partial sum.
 
-The per-matrix math (``update.py``, ``orthogonalize.py``) is written over local blocks as
+The per-matrix math (``update.py``, ``orthonormalize.py``) is written over local blocks as
 generators. Wherever a quantity is a sum over a dimension that a layout may split across
 processes, the math yields ``Reduce(partial, axes)`` and continues with the completed tensor that
 the driver sends back. The driver runs every matrix's generator in lockstep, so the requests of
@@ -33,6 +33,17 @@ class Reduce:
 Complete = Callable[[Sequence[Any], Sequence[Reduce]], Sequence[Tensor]]
 
 
+def any_true(flags: Tensor) -> bool:
+    """Whether any of ``flags`` is set, for the math's data-dependent branches (the Cholesky
+    fallback, a non-finite value, a vanished momentum).
+
+    The shape-only path: meta tensors (the planner's) hold no data, and there the answer is
+    False, the branch of a healthy step, so a shape-only run makes exactly the requests a real
+    step makes when no fallback is needed.
+    """
+    return not flags.is_meta and bool(flags.any())
+
+
 def local_complete(layouts: Sequence[Any], requests: Sequence[Reduce]) -> list[Tensor]:
     """One device: every sum is already complete."""
     return [req.tensor for req in requests]
@@ -49,7 +60,7 @@ def run_lockstep(
 
     def advance(i: int, value: Tensor | None) -> None:
         try:
-            pending[i] = gens[i].send(value)
+            pending[i] = gens[i].send(value)  # type: ignore[arg-type]  # None starts it
         except StopIteration as stop:
             results[i] = stop.value
 

@@ -16,17 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .orthogonalize import orthonormalize
-from .reduce import Reduce
-
-
-def dion_rank(b: int, rank_fraction: float, rank_multiple_of: int) -> int:
-    """r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)), at least 1."""
-    x = rank_fraction * b
-    # rank_fraction is a decimal: 0.07 * 100 is 7.000000000000001 in floats, and means 7, not 8
-    r = math.ceil(x - 1e-9 * max(1.0, x))
-    r = math.ceil(r / rank_multiple_of) * rank_multiple_of
-    return max(1, min(b, r))
+from .orthonormalize import orthonormalize
+from .reduce import Reduce, any_true
 
 
 def lr_scale_factor(kind: str, m: int, n: int) -> float:
@@ -109,7 +100,7 @@ def _all_finite(t: Tensor) -> Tensor:
     several times slower) elementwise test run.
     """
     ok = torch.isfinite(t.sum((-2, -1)))
-    if not bool(ok.all()):
+    if any_true(~ok):
         ok = torch.isfinite(t).flatten(-2).all(-1)
     return ok
 
@@ -277,7 +268,7 @@ def dion_update(
     ``momentum_dtype``: the momentum's storage dtype; where it is not B's, the new momentum is
     formed here and an entry that would overflow it is not ``ok``.
     Using the replica's own R_i in the error feedback leaves the replicas' mean momentum exact
-    and stops each replica's momentum drifting from the mean (DESIGN.md section 2).
+    and stops each replica's momentum drifting from the mean (docs/design.md section 2).
     With ``power_iters`` > 1 the step repeats with the new Q before the error feedback.
     """
     low = None if matmul_dtype in (None, B.dtype) else matmul_dtype

@@ -11,15 +11,16 @@ from .collectives import (
     dion_collectives,
     ledger,
     muon_collectives,
+    powersgd_elements,
 )
 from .cost import Cluster, collective_time, comm_time
-from .model import PRESETS, GPTConfig, params_from_module, params_from_shapes
+from .model import PRESETS, GPTShape, params_from_module, params_from_shapes
 from .predict import Prediction, default_parallelism, predict, predict_comm_time
 from .shard import Parallelism, Param
 
 __all__ = [
-    "PRESETS", "Cluster", "Collective", "DionConfig", "GPTConfig", "Param", "Parallelism",
+    "PRESETS", "Cluster", "Collective", "DionConfig", "GPTShape", "Param", "Parallelism",
     "Prediction", "adamw_collectives", "collective_time", "comm_time", "default_parallelism",
     "dion_collectives", "ledger", "muon_collectives", "params_from_module",
-    "params_from_shapes", "predict", "predict_comm_time",
+    "params_from_shapes", "powersgd_elements", "predict", "predict_comm_time",
 ]

@@ -7,7 +7,7 @@ import sys
 
 from .collectives import DionConfig
 from .cost import Cluster
-from .model import PRESETS, GPTConfig, params_from_shapes
+from .model import PRESETS, GPTShape, params_from_shapes
 from .report import SCALING_GPUS, plot, rows_for, table
 from .shard import Parallelism
 
@@ -21,9 +21,9 @@ def _layout(text: str) -> Parallelism:
     return Parallelism(dp=dp, fsdp=fsdp, tp=tp)
 
 
-def _gpt(text: str) -> GPTConfig:
+def _gpt(text: str) -> GPTShape:
     d, layers, vocab, context, *ffn = (int(x) for x in text.split(","))
-    return GPTConfig("custom", d, layers, vocab, context, ffn=ffn[0] if ffn else 0)
+    return GPTShape("custom", d, layers, vocab, context, ffn=ffn[0] if ffn else 0)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,9 +1,10 @@
 """The collectives one rank issues per optimizer step, for AdamW, Muon and Dion.
 
-Dion's list is the optimizer's ledger (:mod:`torchdion.comm`) predicted exactly: the same
-requests per matrix (DESIGN.md section 2), the same lockstep rounds and the same bucketing (one
-collective per round, axis, process group, kind and dtype). Elements are payloads: the tensor an
-all-reduce is handed, the local shard an all-gather is handed.
+Dion's list is not written here: :func:`dion_collectives` runs the optimizer's own update
+(:func:`torchdion.update.dion_update`) on shape-only (meta) tensors, per matrix plan, through a
+:class:`~torchdion.comm.RecordingComm` that buckets like the real one and records instead of
+sending. Elements are payloads: the tensor an all-reduce is handed, the local shard an
+all-gather is handed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ..orthogonalize import METHODS, sketch_rows
-from ..update import dion_rank
-from .shard import Block, Parallelism, Param, canonical_block, local_shape
+import torch
+from torch import Tensor
+
+from ..comm import Ledger, RecordingComm
+from ..matrix_plan import MatrixPlan, dion_rank
+from ..orthonormalize import METHODS
+from ..reduce import run_lockstep
+from ..update import dion_update
+from .shard import AXES, Parallelism, Param, local_shape, matrix_plan
 
 
 @dataclass(frozen=True)
@@ -105,70 +112,83 @@ def fsdp_collectives(params: list[Param], par: Parallelism, rank: int = 0) -> li
             Collective("reduce_scatter", "fsdp", "grads", full, itemsize)]
 
 
-def _dion_requests(blk: Block, r: int, cfg: DionConfig, replica: str | None
-                   ) -> list[tuple[str, list[tuple[str, str]], int]]:
-    """One matrix's reductions in order: (kind, [(dion axis, mesh axis) to sum over],
-    elements), as torchdion.update.dion_update and torchdion.orthogonalize yield them."""
-    def axes(*pairs):
-        return [(ax, mesh) for ax, mesh in pairs if mesh is not None]
+def _meta(shape: tuple[int, ...], itemsize: int) -> Tensor:
+    return torch.empty(shape, dtype=_DTYPES[itemsize], device="meta")
 
-    row, col, rep = ("row", blk.row_axis), ("col", blk.col_axis), ("replica", replica)
-    ortho = {"qr": [],
-             "cholesky": [("gram", axes(row), r * r)],
-             "randomized": [("sketch", axes(row), sketch_rows(r, blk.a) * r),
-                            ("gram", axes(row), r * r)]}[cfg.method]
-    one = ([("P", axes(col, rep), blk.a_loc * r)] + ortho
-           + [("R", axes(row), blk.b_loc * r), ("R", axes(rep), blk.b_loc * r),
-              ("norms", axes(col), r)])
-    return one * cfg.power_iters
+
+_DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
 def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int = 0,
                      sync_replicas: bool = True) -> list[Collective]:
-    """What Dion's ledger records on ``rank`` in one step (no Cholesky fallback assumed).
+    """What Dion's ledger records on ``rank`` in one step (no Cholesky fallback assumed: that
+    is the shape-only path of :func:`torchdion.reduce.any_true`).
 
     ``sync_replicas``: the optimizer synchronizes the DP replicas itself (``replicate_group``,
     gradients not synchronized by DDP); False: gradients arrive averaged and Dion sends nothing
-    over DP. Matrices where (a + b) r >= a b send their gradient instead of P and R.
+    over DP. Each matrix's plan (:func:`torchdion.matrix_plan.plan_matrix`) decides whether its
+    factors or its gradient cross the replicas.
     """
     coords = par.coords(rank)
+    comm = RecordingComm({axis: par.size(axis) for axis in AXES})
     syncs = sync_replicas and par.dp > 1
-    grads: dict[int, int] = defaultdict(int)
-    streams = []
+    whole = []
+    batches: dict[tuple[MatrixPlan, int], int] = {}  # equal plans step stacked, as in Dion
     for p in params:
+        local = local_shape(p, par, coords)
         if not p.matrix:
-            if syncs:
-                grads[p.itemsize] += math.prod(local_shape(p, par, coords))
+            whole.append(_meta(local, p.itemsize))
             continue
-        blk = canonical_block(p, par, coords)
-        r = cfg.rank(blk.b)
-        replica = "dp" if syncs else None
-        if syncs and (blk.a + blk.b) * r >= blk.a * blk.b:
-            grads[p.itemsize] += math.prod(local_shape(p, par, coords))
-            replica = None
-        compute_itemsize = 8 if p.itemsize == 8 else 4  # the math runs in fp32, fp64 for fp64
-        streams.append((compute_itemsize, _dion_requests(blk, r, cfg, replica)))
-    out = _grad_sync(grads)
-    # Every matrix makes the same sequence of requests, so round j holds everyone's j-th one.
-    for j in range(max((len(s) for _, s in streams), default=0)):
-        buckets: dict[tuple, int] = defaultdict(int)
-        for itemsize, stream in streams:
-            kind, axes, n = stream[j]
-            for dion_axis, mesh_axis in axes:
-                buckets[(dion_axis, mesh_axis, kind, itemsize)] += n
-        for (_, mesh_axis, kind, itemsize), n in buckets.items():
-            out.append(Collective("all_reduce", mesh_axis, kind, n, itemsize))
+        plan = matrix_plan(p, par, coords, rank_fraction=cfg.rank_fraction,
+                           rank_multiple_of=cfg.rank_multiple_of, method=cfg.method,
+                           sync_replicas=sync_replicas)
+        if plan.replica_sync == "gradient":
+            whole.append(_meta(local, p.itemsize))
+        compute = 8 if p.itemsize == 8 else 4  # the math runs in fp32, fp64 for fp64
+        batches[(plan, compute)] = batches.get((plan, compute), 0) + 1
+    gens, plans = [], []
+    for (plan, compute), count in batches.items():
+        B = _meta((count, *plan.local_shape), compute)
+        Q = _meta((count, *plan.q_shape), compute)
+        sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
+            else None
+        gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,
+                                power_iters=cfg.power_iters))
+        plans.append(plan)
+    if syncs:
+        comm.start_mean(whole, "dp", "grad")  # the optimizer's one bucketed gradient average
+    run_lockstep(gens, plans, comm.complete)
+    return [Collective("all_reduce", rec.group, rec.kind, rec.elements, rec.itemsize)
+            for rec in comm.records]
+
+
+def powersgd_elements(shapes: list[tuple[int, ...]], rank: int,
+                      min_compression_rate: float) -> dict[str, int]:
+    """Elements per step of torch's powerSGD_hook once compression starts, by what they are.
+
+    Its documented rule (``_should_compress``): a gradient viewed as (rows, cols) = (shape[0],
+    -1) sends its factors P (rows r) and Q (cols r), r = min(rows, cols, rank), when
+    (rows + cols) r * min_compression_rate < rows cols, and is all-reduced whole otherwise.
+    """
+    out = {"uncompressed": 0, "P": 0, "Q": 0}
+    for shape in shapes:
+        rows = shape[0] if shape else 1
+        cols = math.prod(shape) // rows if rows else 0
+        r = min(rows, cols, rank)
+        if (rows + cols) * r * min_compression_rate < rows * cols:
+            out["P"] += rows * r
+            out["Q"] += cols * r
+        else:
+            out["uncompressed"] += rows * cols
     return out
 
 
 def ledger(collectives: list[Collective]) -> dict[str, Any]:
     """The collectives summed as ``Dion.comm_stats()`` reports them (bytes, collectives, and
-    bytes / collectives / elements by kind)."""
-    by_kind: dict[str, dict[str, int]] = {}
+    bytes / collectives / elements by kind), by the optimizer's own :class:`Ledger`."""
+    out = Ledger()
     for c in collectives:
-        entry = by_kind.setdefault(c.kind, {"bytes": 0, "collectives": 0, "elements": 0})
-        entry["bytes"] += c.nbytes
-        entry["collectives"] += 1
-        entry["elements"] += c.elements
-    return {"bytes": sum(c.nbytes for c in collectives), "collectives": len(collectives),
-            "by_kind": by_kind}
+        out.record(c.kind, c.elements, c.itemsize)
+    summary = out.as_dict()
+    del summary["largest"], summary["largest_matrix_fraction"]  # per tensor: not predicted
+    return summary

@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..orthogonalize import sketch_rows
 from .collectives import Collective, DionConfig
-from .shard import Parallelism, Param, canonical_block, local_shape
+from .shard import Parallelism, Param, local_shape, matrix_plan
 
 NS_ITERATIONS = 5
 ELEMENTWISE_FLOPS = 10  # per element and step: an AdamW update, counted like matmul FLOPs
@@ -119,9 +118,10 @@ def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int
     flops = _elementwise(params, par, coords, matrices=False)
     for p in params:
         if p.matrix:
-            blk = canonical_block(p, par, coords)
-            r = cfg.rank(blk.b)
-            k = sketch_rows(r, blk.a)
-            flops += (4 + 4 * cfg.power_iters) * blk.a_loc * blk.b_loc * r
-            flops += cfg.power_iters * orthonormalize_flops(blk.a_loc, r, k, cfg.method)
+            plan = matrix_plan(p, par, coords, rank_fraction=cfg.rank_fraction,
+                               rank_multiple_of=cfg.rank_multiple_of, method=cfg.method)
+            (a_loc, b_loc), r = plan.local_shape, plan.rank
+            flops += (4 + 4 * cfg.power_iters) * a_loc * b_loc * r
+            flops += cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,
+                                                            cfg.method)
     return flops

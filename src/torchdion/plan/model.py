@@ -12,7 +12,7 @@ from .shard import Param
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTShape:
     """A decoder-only transformer. Q, K, V and the output projection are separate matrices
     (orthonormalized optimizers treat each projection on its own); ``gated`` gives a SwiGLU MLP
     (gate, up, down), else fc1 / fc2. Column-parallel under TP: Q, K, V, fc1 / gate / up and the
@@ -75,9 +75,9 @@ class GPTConfig:
 
 
 PRESETS = {
-    "gpt2-small": GPTConfig("gpt2-small", d_model=768, n_layers=12, vocab=50257, context=1024),
-    "gpt-3b": GPTConfig("gpt-3b", d_model=3072, n_layers=24, vocab=50257, context=2048),
-    "llama3-405b": GPTConfig(
+    "gpt2-small": GPTShape("gpt2-small", d_model=768, n_layers=12, vocab=50257, context=1024),
+    "gpt-3b": GPTShape("gpt-3b", d_model=3072, n_layers=24, vocab=50257, context=2048),
+    "llama3-405b": GPTShape(
         "llama3-405b", d_model=16384, n_layers=126, vocab=128256, context=8192, ffn=53248,
         n_heads=128, kv_heads=8, head_dim=128, gated=True, tied=False, learned_positions=False,
         bias=False),

@@ -1,8 +1,9 @@
 """Where a parameter's pieces sit on one rank of a DP x FSDP x TP mesh, from shapes alone.
 
-The planner's mirror of :func:`torchdion.layout.layout_of`: the same torch.chunk splits and the
-same rule for which matrix axis (rows = the long side, columns = the short side) each mesh
-dimension shards, so the element counts below are the ones the optimizer's ledger measures.
+What a DTensor's placements say in a real run, :func:`shards` says from a :class:`Param` and a
+:class:`Parallelism`: one :class:`~torchdion.matrix_plan.DimShard` per mesh axis that splits a
+dim, labelled by the axis name. :func:`matrix_plan` hands them to the optimizer's own
+:func:`~torchdion.matrix_plan.plan_matrix`, so the planner decides nothing about a matrix itself.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..layout import _chunk
+from ..matrix_plan import DimShard, MatrixPlan, chunk, plan_matrix
 
 AXES = ("dp", "fsdp", "tp")
 
@@ -81,7 +82,7 @@ class Parallelism:
 
 
 def _piece(size: int, parts: int, index: int) -> int:
-    start, stop = _chunk(size, parts, index)
+    start, stop = chunk(size, parts, index)
     return stop - start
 
 
@@ -109,32 +110,19 @@ def local_shape(p: Param, par: Parallelism, coords: dict[str, int],
     return tuple(shape)
 
 
-@dataclass(frozen=True)
-class Block:
-    """A matrix in the canonical orientation (a, b), a >= b, and this rank's block of it.
-    ``row_axis`` / ``col_axis``: the mesh axis sharding a / b, or None."""
-
-    a: int
-    b: int
-    a_loc: int
-    b_loc: int
-    row_axis: str | None
-    col_axis: str | None
+def shards(p: Param, par: Parallelism, coords: dict[str, int]) -> tuple[DimShard, ...]:
+    """The splits of ``p`` on the rank at ``coords``, each labelled by its mesh axis."""
+    return tuple(DimShard(dim, par.size(axis), coords[axis], axis)
+                 for dim, axes in dim_axes(p, par).items() for axis in axes)
 
 
-def canonical_block(p: Param, par: Parallelism, coords: dict[str, int]) -> Block:
-    m, n = p.matrix_shape
-    axes = dim_axes(p, par)
-    if len(p.shape) > 2 and 1 in axes:
-        raise ValueError(f"{p.name}: a >2-D parameter can only be sharded on dim 0")
-    if any(len(a) > 1 for a in axes.values()):
-        raise ValueError(f"{p.name}: TP and FSDP both shard dim {p.tp_dim}; Dion needs one "
-                         "mesh axis per matrix dim")
-    local = local_shape(p, par, coords)
-    m_loc, n_loc = local[0], math.prod(local[1:])
-    row_dim = 0 if m >= n else 1
-    row = axes.get(row_dim, [None])[0]
-    col = axes.get(1 - row_dim, [None])[0]
-    if m >= n:
-        return Block(m, n, m_loc, n_loc, row, col)
-    return Block(n, m, n_loc, m_loc, row, col)
+def matrix_plan(p: Param, par: Parallelism, coords: dict[str, int], *, rank_fraction: float,
+                rank_multiple_of: int = 1, method: str = "randomized",
+                sync_replicas: bool = True) -> MatrixPlan:
+    """The optimizer's plan of matrix ``p`` on the rank at ``coords``; the replicas are the
+    "dp" axis when the optimizer synchronizes them itself."""
+    syncs = sync_replicas and par.dp > 1
+    return plan_matrix(p.shape, shards(p, par, coords), flatten=len(p.shape) > 2,
+                       rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
+                       orthonormalize=method, replicas="dp" if syncs else None,
+                       replicas_size=par.dp, name=p.name)

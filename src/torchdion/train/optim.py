@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchdion
+from torchdion.plan import powersgd_elements
 
 from .config import OPTIMIZERS
 
@@ -85,16 +86,10 @@ class Setup:
 
 
 def powersgd_payload(params: list[torch.Tensor], rank: int, min_compression_rate: float) -> int:
-    """Bytes per step of torch's powerSGD_hook once compression starts: each gradient viewed as
-    (shape[0], -1) sends its P (n r) and Q (m r) factors when (n + m) r * rate < n m, and is
-    all-reduced whole otherwise (this mirrors the hook's _should_compress)."""
-    total = 0
-    for p in params:
-        n = p.shape[0] if p.ndim else 1
-        m = p.numel() // n
-        r = min(n, m, rank)
-        total += (n + m) * r if (n + m) * r * min_compression_rate < n * m else n * m
-    return 4 * total
+    """Bytes per step of torch's powerSGD_hook once compression starts (fp32 gradients), by
+    :func:`torchdion.plan.powersgd_elements`."""
+    shapes = [tuple(p.shape) for p in params]
+    return 4 * sum(powersgd_elements(shapes, rank, min_compression_rate).values())
 
 
 def sync_mode(kind: str, parallel: str, world: int, dion_sync: str = "compressed") -> SyncMode:

@@ -13,7 +13,7 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
-from .reduce import Reduce
+from .reduce import Reduce, any_true
 
 METHODS = ("qr", "cholesky", "randomized")
 
@@ -66,7 +66,7 @@ def cholesky_qr(
     G = yield from _gram(P)
     L, info = torch.linalg.cholesky_ex(G)
     failed = info != 0
-    if failed.any():
+    if any_true(failed):
         r = G.shape[-1]
         shift = torch.finfo(G.dtype).eps * r * G.diagonal(dim1=-2, dim2=-1).mean(-1)
         shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
@@ -104,14 +104,16 @@ def orthonormalize(
     the batch entries whose Gram matrix is not positive definite. Every rank sees the same reduced
     Gram, so all ranks take the same branch.
     """
+    if method not in METHODS:
+        raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")
     if method == "qr":
         return torch.linalg.qr(P).Q
+    if sketch is None:  # the plan gives every method but "qr" a sketch
+        raise ValueError(f"orthonormalize={method!r} needs the randomized sketch")
     if method == "cholesky":
         Pc, failed = yield from cholesky_qr(P)
-        if not failed.any():
+        if not any_true(failed):
             return Pc
         Pr, _ = yield from randomized_qr(P, sketch, overwrite)
         return torch.where(failed[..., None, None], Pr, Pc)
-    if method == "randomized":
-        return (yield from randomized_qr(P, sketch, overwrite))[0]
-    raise ValueError(f"orthonormalize must be one of {METHODS}, got {method!r}")
+    return (yield from randomized_qr(P, sketch, overwrite))[0]
