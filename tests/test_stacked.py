@@ -5,11 +5,14 @@ The reference is the same math run on each matrix alone, in fp64.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch import nn
 
+import torchdion
 from torchdion.matrix_plan import dion_rank
 from torchdion.orthonormalize import sketch_matrix, sketch_rows
 from torchdion.reduce import run_lockstep
@@ -83,3 +86,107 @@ def test_stacked_writes_in_either_storage_orientation():
     res.apply_update(slice(None), X.mT, -0.5, 0.9)
     torch.testing.assert_close(M, expect_M.mT, atol=1e-12, rtol=0)
     torch.testing.assert_close(X, expect_X, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------ through the optimizer
+
+def _stacked_and_separate(E, m, n, rank_fraction, method, steps, poison=None, idle=None):
+    """Step one (E, m, n) stacked parameter and E separate (m, n) ones on the same gradients."""
+    gen = torch.Generator().manual_seed(3)
+    X0 = torch.randn(E, m, n, generator=gen, dtype=F64)
+    stack = nn.Parameter(X0.clone())
+    experts = [nn.Parameter(X0[e].clone()) for e in range(E)]
+    kw = dict(lr=0.05, weight_decay=0.1, rank_fraction=rank_fraction, orthonormalize=method)
+    opt_stack = torchdion.Dion([{"params": [stack], "stacked": True}], **kw)
+    opt_sep = torchdion.Dion(experts, **kw)
+    opt_stack.step(), opt_sep.step()  # no gradients: builds the state
+    for e, p in enumerate(experts):  # the separate ones start from the stack's Q
+        opt_sep.state[p]["Q"].copy_(opt_stack.state[stack]["Q"][e])
+    for s in range(steps):
+        G = torch.randn(E, m, n, generator=gen, dtype=F64)
+        if idle is not None:
+            G[idle] = 0  # an expert that never gets tokens
+        if poison is not None and s == steps - 1:
+            G[poison, 0, 0] = math.nan
+        stack.grad = G.clone()
+        for e, p in enumerate(experts):
+            p.grad = G[e].clone()
+        opt_stack.step(), opt_sep.step()
+    return stack, experts, opt_stack, opt_sep
+
+
+@pytest.mark.parametrize("m,n", [(12, 5), (5, 12), (8, 8)])
+@pytest.mark.parametrize("rank_fraction", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("method", ["randomized", "qr"])
+def test_stacked_parameter_equals_separate_matrices(m, n, rank_fraction, method):
+    stack, experts, opt_stack, opt_sep = _stacked_and_separate(
+        3, m, n, rank_fraction, method, steps=3, poison=2, idle=1)
+    b, r = min(m, n), dion_rank(min(m, n), rank_fraction, 1)
+    assert opt_stack.state[stack]["Q"].shape == (3, b, r)
+    assert opt_stack.nonfinite_skips == opt_sep.nonfinite_skips == 1  # expert 2 only
+    for e, p in enumerate(experts):
+        for got, want in [(stack[e], p), (opt_stack.state[stack]["momentum"][e],
+                                         opt_sep.state[p]["momentum"]),
+                          (opt_stack.state[stack]["Q"][e], opt_sep.state[p]["Q"])]:
+            torch.testing.assert_close(got.detach(), want.detach(), atol=1e-12, rtol=0)
+    assert torch.isfinite(stack).all() and torch.isfinite(opt_stack.state[stack]["momentum"]).all()
+
+
+def test_stacked_and_flatten():
+    p = nn.Parameter(torch.randn(4, 6, 5))
+    # flatten alone keeps its meaning: one (4, 30) matrix
+    opt = torchdion.Dion([{"params": [p], "flatten": True}])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["Q"].shape == (4, 4)
+    with pytest.raises(ValueError, match="stacked=True and flatten=True exclude each other"):
+        torchdion.Dion([{"params": [p], "flatten": True, "stacked": True}])
+    with pytest.raises(ValueError, match="stacked=True"):
+        torchdion.Dion([p])
+    with pytest.raises(ValueError, match="stacked must be a bool"):
+        torchdion.Dion([{"params": [p], "stacked": 1}])
+
+
+def test_stacked_state_dict_round_trip_and_rank_check():
+    gen = torch.Generator().manual_seed(4)
+    p = nn.Parameter(torch.randn(2, 3, 6, 4, generator=gen))  # two batch dims
+    opt = torchdion.Dion([{"params": [p], "stacked": True}], rank_fraction=0.5)
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert opt.state[p]["Q"].shape == (2, 3, 4, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    q = nn.Parameter(p.detach().clone())
+    again = torchdion.Dion([{"params": [q], "stacked": True}], rank_fraction=0.5)
+    again.load_state_dict(saved)
+    p.grad = q.grad = torch.randn(p.shape, generator=gen)
+    opt.step(), again.step()
+    assert torch.equal(p, q)
+    other = torchdion.Dion([{"params": [q], "stacked": True}], rank_fraction=0.25)
+    with pytest.raises(ValueError, match=r"expected \(2, 3, 4, 1\)"):
+        other.load_state_dict(saved)
+    flat = torchdion.Dion([{"params": [q], "flatten": True}])
+    with pytest.raises(ValueError, match="flatten=False"):
+        flat.load_state_dict(saved)
+
+
+class _MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(6, 4, bias=False)
+        self.experts = nn.ParameterDict({
+            "w1": nn.Parameter(torch.randn(4, 10, 6)), "w2": nn.Parameter(torch.randn(4, 6, 10))})
+        self.norm = nn.LayerNorm(6)
+
+
+def test_param_groups_names_stacked_parameters():
+    model = _MoE()
+    groups = torchdion.param_groups(model, stacked="experts.*", dion=dict(lr=0.1))
+    by_kind = {(g["algorithm"], g.get("stacked", False)): g for g in groups}
+    assert [p.shape for p in by_kind["dion", True]["params"]] == [(4, 10, 6), (4, 6, 10)]
+    assert by_kind["dion", True]["lr"] == 0.1
+    assert by_kind["dion", False]["params"] == [model.router.weight]
+    same = torchdion.param_groups(model, stacked=lambda name, p: p.ndim == 3)
+    assert [len(g["params"]) for g in same] == [len(g["params"]) for g in groups]
+    torchdion.Dion(groups)  # accepted as built
+    with pytest.raises(ValueError, match="stacked must be a glob pattern"):
+        torchdion.param_groups(model, stacked=[3])

@@ -35,9 +35,10 @@ def check_loadable(
     checkpoint predates keep this optimizer's values).
 
     Rules: the same number of groups and of parameters per group; no unknown group keys; valid
-    hyperparameters; the same ``algorithm`` and ``flatten`` (the state is that algorithm's);
+    hyperparameters; the same ``algorithm``, ``flatten`` and ``stacked`` (the state is that
+    algorithm's, of matrices of that shape);
     each parameter's state empty or exactly the algorithm's keys, ``step`` an int >= 0, tensors
-    floating with the parameter's shape (Q: (min(m, n), r) of this optimizer's rank).
+    floating with the parameter's shape (Q: (*batch, min(m, n), r) of this optimizer's rank).
     """
     if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
             and isinstance(state_dict.get("param_groups"), list)):
@@ -59,7 +60,7 @@ def check_loadable(
         check_group_keys(saved, known_keys, where + ".")
         # torch would load these with the other hyperparameters, and the state would then not
         # be the state of the algorithm that steps it
-        for name in ("algorithm", "flatten"):
+        for name in ("algorithm", "flatten", "stacked"):
             if name in saved and saved[name] != group[name]:
                 raise ValueError(f"{where} has {name}={saved[name]!r}, this optimizer's has "
                                  f"{group[name]!r}")
@@ -95,10 +96,10 @@ def _check_state(state: Any, p: Tensor, group: dict[str, Any],
                              + (f" of {value.dtype}" if isinstance(value, Tensor) else ""))
         if name == "Q":
             plan = plan_of(p, group)
-            if tuple(value.shape) != (plan.b, plan.rank):
+            if tuple(value.shape) != plan.q_global_shape:
                 raise ValueError(
                     f"state_dict Q of parameter {name_of(p)} has shape {tuple(value.shape)}, "
-                    f"expected {(plan.b, plan.rank)}: the checkpoint was saved with another "
+                    f"expected {plan.q_global_shape}: the checkpoint was saved with another "
                     "rank_fraction / rank_multiple_of; load it with the same ones")
         elif tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"state_dict {name} of parameter {name_of(p)} has shape "

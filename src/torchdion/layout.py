@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -39,15 +41,21 @@ def shards_of(p: Tensor, name: str) -> tuple[DimShard, ...]:
 
 def q_state(Q_local: Tensor, p: Tensor, plan: MatrixPlan) -> Tensor:
     """Q as stored in state: plain for plain parameters; for a DTensor parameter, a DTensor on
-    the same mesh, sharded along its rows (A's columns) as the parameter shards them."""
+    the same mesh, (*batch, b, r), sharded along its batch dims as the parameter's (expert
+    parallelism) and along its rows (A's columns) as the parameter shards A's columns."""
     if not isinstance(p, DTensor):
         return Q_local
+    nb = len(plan.batch)
     col_group = plan.groups.get("col")
-    placements = [
-        Shard(0) if col_group is not None and p.device_mesh.get_group(d) is col_group
-        else Replicate()
-        for d in range(p.device_mesh.ndim)
-    ]
+    placements = []
+    for d, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) and placement.dim < nb:
+            placements.append(Shard(placement.dim))
+        elif col_group is not None and p.device_mesh.get_group(d) is col_group:
+            placements.append(Shard(nb))
+        else:
+            placements.append(Replicate())
+    shape = plan.q_global_shape
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
     return DTensor.from_local(Q_local, p.device_mesh, placements, run_check=False,
-                              shape=torch.Size((plan.b, Q_local.shape[1])),
-                              stride=(Q_local.shape[1], 1))
+                              shape=torch.Size(shape), stride=stride)

@@ -8,9 +8,11 @@ orientation, this process's block, the process group completing each axis of
 P and R, or the whole gradient). The optimizer caches one plan per parameter; nothing else
 recomputes any part of it.
 
-A plan describes a single matrix. A stacked parameter (leading batch dims holding several
-matrices of one shape, e.g. MoE experts) would add those dims to the plan; every rule below is
-about the trailing matrix and stays as it is.
+A stacked parameter (``stacked=True``: leading batch dims holding independent matrices of one
+shape, e.g. the experts of a mixture-of-experts layer) adds those dims to the plan: ``batch``
+and this process's ``batch_block`` of them. A batch dim may be split over any mesh dims (expert
+parallelism): each process then steps the matrices it holds, and that split needs no collective.
+Every other rule is about the trailing matrix and is the same for one matrix or a stack.
 """
 
 from __future__ import annotations
@@ -61,8 +63,17 @@ def dion_rank(b: int, rank_fraction: float, rank_multiple_of: int) -> int:
     return max(1, min(b, r))
 
 
-def matrix_shape(shape: tuple[int, ...], flatten: bool, name: str) -> tuple[int, int]:
-    """The (m, n) = (fan_out, fan_in) matrix a Dion parameter is treated as."""
+def matrix_shape(shape: tuple[int, ...], flatten: bool, name: str,
+                 stacked: bool = False) -> tuple[int, int]:
+    """The (m, n) = (fan_out, fan_in) matrix a Dion parameter is treated as (with ``stacked``,
+    each of its matrices: the last two dims)."""
+    if stacked and flatten:
+        raise ValueError(
+            f"Dion parameter {name}: stacked=True and flatten=True exclude each other. stacked "
+            "treats (*batch, m, n) as independent (m, n) matrices (MoE experts); flatten treats "
+            "(out, in, *k) as one (out, in * prod(k)) matrix (conv kernels). Choose one.")
+    if stacked and len(shape) >= 2:
+        shape = shape[-2:]
     if len(shape) >= 2 and 0 in shape:
         # Nothing to orthonormalize, and sqrt(m / n) divides by zero: refuse at construction
         # rather than fail inside a step.
@@ -76,9 +87,10 @@ def matrix_shape(shape: tuple[int, ...], flatten: bool, name: str) -> tuple[int,
         return shape[0], math.prod(shape[1:])
     if len(shape) > 2:
         raise ValueError(
-            f"Dion parameter {name} has shape {tuple(shape)}: more than 2 dims. Set flatten=True "
-            "in its parameter group to treat (out, in, *k) as (out, in * prod(k)), or give it "
-            "algorithm='adamw'."
+            f"Dion parameter {name} has shape {tuple(shape)}: more than 2 dims. Set stacked=True "
+            "in its parameter group if its leading dims index independent matrices (MoE "
+            "experts), flatten=True to treat (out, in, *k) as (out, in * prod(k)) (conv "
+            "kernels), or give it algorithm='adamw'."
         )
     raise ValueError(
         f"Dion parameter {name} has shape {tuple(shape)}: Dion needs a matrix. Put it in a "
@@ -90,7 +102,9 @@ def matrix_shape(shape: tuple[int, ...], flatten: bool, name: str) -> tuple[int,
 class MatrixPlan:
     """One Dion matrix in the canonical orientation A (a, b), a >= b, and what its step does.
 
-    ``m, n``: the weight's (fan_out, fan_in); ``transposed``: A is X^T. ``rows`` / ``cols``: this
+    ``m, n``: the weight's (fan_out, fan_in) (of each matrix of a stack); ``transposed``: A is
+    X^T. ``batch``: the global leading dims of a stacked parameter (() for one matrix);
+    ``batch_block``: this process's [start, stop) of each. ``rows`` / ``cols``: this
     process's block of A as [start, stop). ``rank``: r, the columns of Q. ``sketch_rows``: k of
     the randomized sketch (0: the method uses none). ``replica_sync``: one of
     :data:`REPLICA_SYNCS`. ``algorithm``: which per-matrix update consumes the plan.
@@ -111,6 +125,8 @@ class MatrixPlan:
     groups: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # identities of the groups, so that plans on different process groups never batch together
     group_ids: tuple[int, ...] = field(default=(), repr=False)
+    batch: tuple[int, ...] = ()
+    batch_block: tuple[tuple[int, int], ...] = ()
 
     @property
     def a(self) -> int:
@@ -138,6 +154,20 @@ class MatrixPlan:
         """This process's rows of Q (b, r): the columns of A it holds."""
         return self.cols[1] - self.cols[0], self.rank
 
+    @property
+    def local_batch(self) -> tuple[int, ...]:
+        """How many matrices of each batch dim this process holds."""
+        return tuple(stop - start for start, stop in self.batch_block)
+
+    @property
+    def batch_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(*block) for block in self.batch_block)
+
+    @property
+    def q_global_shape(self) -> tuple[int, ...]:
+        """Q of the whole parameter: (*batch, b, r)."""
+        return (*self.batch, self.b, self.rank)
+
     def canonical(self, local: Tensor) -> Tensor:
         """The local block of A, as a view of the local 2-D block of X."""
         return local.mT if self.transposed else local
@@ -155,7 +185,8 @@ def _unsupported(name: str, shards: Sequence[DimShard]) -> ValueError:
     split = ", ".join(f"dim {s.dim} in {s.parts}" for s in shards) or "nothing"
     return ValueError(
         f"Dion parameter {name}: sharding ({split}) is not supported. Dion needs each of the "
-        "matrix's two dims sharded by at most one mesh dim (Shard(0) / Shard(1)) and the rest "
+        "matrix's two dims sharded by at most one mesh dim (Shard(0) / Shard(1), or the last two "
+        "dims of a stacked parameter, whose batch dims may be sharded freely) and the rest "
         "Replicate(). Shard FSDP and TP on different dims (e.g. TP RowwiseParallel with FSDP's "
         "Shard(0)), or give this parameter algorithm='adamw'.")
 
@@ -165,6 +196,7 @@ def plan_matrix(
     shards: Sequence[DimShard] = (),
     *,
     flatten: bool = False,
+    stacked: bool = False,
     rank_fraction: float = 1.0,
     rank_multiple_of: int = 1,
     orthonormalize: str = "randomized",
@@ -180,23 +212,33 @@ def plan_matrix(
     only when that is cheaper than the gradient: where (a + b) r >= a b the gradient is averaged
     instead and the step has no replica axis. ``algorithm`` names the per-matrix update that
     consumes the plan (another one may read ``rank`` and ``replica_sync`` its own way).
+    ``stacked``: the leading dims index independent matrices; a shard of one of them selects
+    matrices (in mesh-dim order, as DTensor nests shards of one dim) and is no axis of the step.
     """
     shape = tuple(shape)
     name = name or f"of shape {shape}"
-    m, n = matrix_shape(shape, flatten, name)
+    m, n = matrix_shape(shape, flatten, name, stacked)
     transposed = m < n
+    nb = len(shape) - 2 if stacked else 0
+    batch_block = [(0, size) for size in shape[:nb]]
     groups: dict[str, Any] = {}
     ranges = [(0, m), (0, n)]
     for s in shards:
         if s.parts == 1:
             continue
-        ok = s.dim in (0, 1) and not (s.dim == 1 and len(shape) > 2)
+        if s.dim < nb:
+            start, stop = batch_block[s.dim]
+            piece = chunk(stop - start, s.parts, s.index)
+            batch_block[s.dim] = (start + piece[0], start + piece[1])
+            continue
+        dim = s.dim - nb
+        ok = dim in (0, 1) and not (dim == 1 and len(shape) > 2 and not stacked)
         # a shard of dim 1 of (out, in, *k) is not a block of the flattened (out, in*k) matrix
-        axis = "row" if (s.dim == 0) != transposed else "col"
+        axis = "row" if (dim == 0) != transposed else "col"
         if not ok or axis in groups:
             raise _unsupported(name, shards)
         groups[axis] = s.group
-        ranges[s.dim] = chunk(shape[s.dim], s.parts, s.index)
+        ranges[dim] = chunk(shape[s.dim], s.parts, s.index)
     rows, cols = (ranges[1], ranges[0]) if transposed else (ranges[0], ranges[1])
     a, b = max(m, n), min(m, n)
     r = dion_rank(b, rank_fraction, rank_multiple_of)
@@ -212,4 +254,5 @@ def plan_matrix(
             "and r x r) reductions")
     k = 0 if orthonormalize == "qr" else sketch_rows(r, a)
     ids = tuple(id(groups.get(axis)) for axis in AXES)
-    return MatrixPlan(m, n, transposed, rows, cols, r, k, sync, algorithm, groups, ids)
+    return MatrixPlan(m, n, transposed, rows, cols, r, k, sync, algorithm, groups, ids,
+                      tuple(shape[:nb]), tuple(batch_block))

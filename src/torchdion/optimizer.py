@@ -88,6 +88,11 @@ class Dion(Optimizer):
             or "none".
         algorithm: "dion", "adamw" or "lion".
         flatten: treat a (out, in, *k) tensor as an (out, in * prod(k)) matrix.
+        stacked: treat a (*batch, m, n) tensor as prod(batch) independent (m, n) matrices (the
+            experts of a mixture-of-experts layer), each with its own Q, rank, scale and
+            non-finite / zero-momentum handling, stepped in one batched computation. A DTensor
+            sharded on a batch dim (expert parallelism) steps the matrices each process holds.
+            Excludes ``flatten``.
         state_dtype: dtype of momentum, Q and AdamW moments (None: the parameter's). The math
             runs in fp32 (fp64 for fp64 parameters) whatever the storage dtype.
         matmul_dtype: None (exact: the math's dtype) or torch.bfloat16 / torch.float16: the
@@ -109,8 +114,9 @@ class Dion(Optimizer):
             benchmark).
 
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
-    (min(m, n), r) and ``state[p]["step"]``. A parameter whose step met a non-finite value keeps
-    its weights and state for that step; ``nonfinite_skips`` counts such (parameter, step) pairs.
+    ((*batch, min(m, n), r); batch is () unless stacked) and ``state[p]["step"]``. A matrix whose
+    step met a non-finite value keeps its weights and state for that step (in a stack, only that
+    matrix); ``nonfinite_skips`` counts such (matrix, step) pairs.
 
     With ``replicate_group`` (gradients not synchronized), every trainable parameter takes part
     in every step on every replica, and a replica without a gradient for it counts as a zero
@@ -137,6 +143,7 @@ class Dion(Optimizer):
         flatten: bool = False,
         state_dtype: torch.dtype | None = None,
         matmul_dtype: torch.dtype | None = None,
+        stacked: bool = False,
         *,
         seed: int = 0,
         raise_on_nonfinite: bool = False,
@@ -149,7 +156,7 @@ class Dion(Optimizer):
             weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps, power_iters=power_iters, orthonormalize=orthonormalize, lr_scale=lr_scale,
             algorithm=algorithm, flatten=flatten, state_dtype=state_dtype,
-            matmul_dtype=matmul_dtype,
+            matmul_dtype=matmul_dtype, stacked=stacked,
         )
         validate_hyperparameters(defaults)
         check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
@@ -240,6 +247,7 @@ class Dion(Optimizer):
         replicas = self.replicate_group if self._syncs_gradients() else None
         plan = plan_matrix(
             tuple(p.shape), shards_of(p, name), flatten=group["flatten"],
+            stacked=group["stacked"],
             rank_fraction=group["rank_fraction"], rank_multiple_of=group["rank_multiple_of"],
             orthonormalize=group["orthonormalize"], replicas=replicas,
             replicas_size=group_size(replicas), name=name)
@@ -323,7 +331,8 @@ class Dion(Optimizer):
         if group["algorithm"] == "dion":
             plan = self.plan(p, group)
             state["momentum"] = zeros()
-            Q = initial_q(plan.b, plan.rank, self.seed, index, dtype)[plan.col_slice]
+            Q = initial_q(plan.b, plan.rank, self.seed, index, dtype, plan.batch)
+            Q = Q[(*plan.batch_slices, plan.col_slice)]
             state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
         else:
             state["exp_avg"] = zeros()
@@ -511,16 +520,20 @@ class Dion(Optimizer):
                     res: DionStep) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         alpha = -lr * lr_scale_factor(group["lr_scale"], plan.m, plan.n)
-        for i, (p, ok) in enumerate(zip(params, res.ok.tolist())):
-            if not ok:
+        for i, p in enumerate(params):
+            ok = res.ok[i]  # one flag per matrix: a stacked parameter has several
+            if ok.numel() and not bool(ok.any()):  # (a rank may hold none of a stack's)
                 continue
             state = self.state[p]
             state["step"] += 1
             M = plan.canonical(self._local_matrix(state["momentum"], group))
-            res.write_momentum(i, M)
-            local_tensor(state["Q"]).copy_(res.Q[i])
+            Q = local_tensor(state["Q"])
             A = plan.canonical(self._local_matrix(p, group))
-            res.apply_update(i, A, alpha, 1 - lr * wd)
+            # all matrices at once; where some met a non-finite value, only the others
+            for j in [()] if bool(ok.all()) else [tuple(j) for j in ok.nonzero().tolist()]:
+                res.write_momentum((i, *j), M[j])
+                Q[j].copy_(res.Q[(i, *j)])
+                res.apply_update((i, *j), A[j], alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],
                            grads: dict[Tensor, Tensor]):

@@ -33,7 +33,8 @@ FRAMEWORK_FLAGS = {
     "maximize": "Dion only minimizes; negate the loss instead",
 }
 # The group keys a Dion matrix's plan is made from (torchdion.matrix_plan.plan_matrix).
-PLAN_KEYS = ("algorithm", "flatten", "rank_fraction", "rank_multiple_of", "orthonormalize")
+PLAN_KEYS = ("algorithm", "flatten", "stacked", "rank_fraction", "rank_multiple_of",
+             "orthonormalize")
 # The state each algorithm keeps per parameter (once the parameter has state at all).
 STATE_KEYS = {
     "dion": frozenset({"step", "momentum", "Q"}),
@@ -73,6 +74,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_scale": (lambda x: x in LR_SCALES, f"one of {LR_SCALES}"),
     "algorithm": (lambda x: x in ALGORITHMS, f"one of {ALGORITHMS}"),
     "flatten": (lambda x: isinstance(x, bool), "a bool"),
+    "stacked": (lambda x: isinstance(x, bool), "a bool"),
     "state_dtype": (lambda x: x is None or (isinstance(x, torch.dtype) and x.is_floating_point),
                     "None or a floating torch.dtype"),
     "matmul_dtype": (lambda x: x is None or x in MATMUL_DTYPES,
