@@ -10,8 +10,10 @@ usage: python dist_worker.py RANK WORLD STORE_FILE OUT_FILE CHECKPOINT_DIR
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import torchdion
@@ -187,7 +189,9 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 continue
             lay = opt.plan(p, group)
             r = dion_rank(lay.b, rank_fraction, 1)
-            a_loc, b_loc = lay.rows[1] - lay.rows[0], lay.cols[1] - lay.cols[0]
+            # a stacked parameter sends its local matrices' factors side by side
+            count = math.prod(lay.local_batch)
+            a_loc, b_loc = (lay.rows[1] - lay.rows[0]) * count, lay.cols[1] - lay.cols[0]
             size = {ax: (1 if g is None else dist.get_world_size(g))
                     for ax, g in lay.groups.items()}
             row, col, rep = size.get("row", 1), size.get("col", 1), size.get("replica", 1)
@@ -199,13 +203,13 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 add("P", a_loc * r)
             if row > 1:
                 if method == "randomized":
-                    add("sketch", sketch_rows(r, lay.a) * r)
-                add("gram", r * r)
-                add("R", b_loc * r)
+                    add("sketch", sketch_rows(r, lay.a) * r * count)
+                add("gram", r * r * count)
+                add("R", b_loc * r * count)
             if rep > 1:
-                add("R", b_loc * r)
+                add("R", b_loc * r * count)
             if col > 1:
-                add("norms", r)
+                add("norms", r * count)
     return out
 
 
@@ -421,6 +425,258 @@ def ledger_is_complete(world, rank) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ mixture of experts
+# Stacked expert weights under expert parallelism. Gradients come from the plain model on the
+# rank's share of the batch and are handed to the sharded parameters as the parallel model
+# would deliver them (FSDP: averaged and sharded; EP: the rank's experts): what is under test
+# is the optimizer on these layouts, not the model's own parallelism.
+
+EXPERTS, D_MODEL, D_HIDDEN = 3, 6, 10  # 3 experts: EP over 2 splits them 2 + 1, over 4 leaves
+#                                        one rank without any
+
+
+class MoE(nn.Module):
+    """Top-2 routing over stacked experts w1 (E, hidden, d) (tall) and w2 (E, d, hidden) (wide)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.router = nn.Parameter(torch.randn(EXPERTS, D_MODEL, generator=gen))
+        self.w1 = nn.Parameter(torch.randn(EXPERTS, D_HIDDEN, D_MODEL, generator=gen) / 2)
+        self.w2 = nn.Parameter(torch.randn(EXPERTS, D_MODEL, D_HIDDEN, generator=gen) / 3)
+
+    def forward(self, x, idle=None):
+        logits = x @ self.router.T
+        if idle is not None:  # routing that sends expert ``idle`` no token
+            logits[:, idle] = -math.inf
+        top = logits.topk(2, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        h = torch.tanh(torch.einsum("bd,ehd->beh", x, self.w1))
+        return torch.einsum("be,beh,edh->bd", gates, h, self.w2)
+
+
+def moe_batches(start=0, stop=STEPS):
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(D_MODEL, D_MODEL, generator=gen)
+    for i in range(stop):
+        x = torch.randn(GLOBAL_BATCH, D_MODEL, generator=gen)
+        if i >= start:
+            yield x, torch.tanh(x @ target)
+
+
+def moe_grads(x, y, idle=None) -> dict[str, torch.Tensor]:
+    """Gradients of the plain model at the current weights (in MOE_WEIGHTS) on (x, y)."""
+    model = MoE()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(MOE_WEIGHTS[n])
+    nn.functional.mse_loss(model(x, idle), y).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+MOE_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def moe_opt(model, **kw):
+    groups = torchdion.param_groups(model, stacked=["w1", "w2"], dion=dict(rank_fraction=0.5))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        g["param_names"] = [names[id(p)] for p in g["params"]]
+    return torchdion.Dion(groups, lr=0.05, weight_decay=0.01, **kw)
+
+
+def moe_sharded(mesh, placements) -> MoE:
+    """MoE whose parameters are DTensors with ``placements[name]`` on ``mesh``."""
+    model = MoE()
+    for n, p in list(model.named_parameters()):
+        setattr(model, n, nn.Parameter(distribute_tensor(p.detach(), mesh, placements[n])))
+    return model
+
+
+def moe_train(model, opt, rows, start, stop, grads_of=None):
+    """Steps start..stop; each rank's gradients are those of its ``rows`` of the global batch."""
+    for x, y in moe_batches(start, stop):
+        MOE_WEIGHTS.update({n: full(p.detach()) for n, p in model.named_parameters()})
+        grads = (grads_of or moe_grads)(x[rows], y[rows])
+        for n, p in model.named_parameters():
+            g = grads.get(n)
+            if g is None:
+                p.grad = None
+            elif isinstance(p, DTensor):
+                p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+            else:
+                p.grad = g
+        opt.step()
+
+
+def moe_reference(grads_of=None, steps=STEPS):
+    model = MoE()
+    opt = moe_opt(model)
+    moe_train(model, opt, slice(None), 0, steps, grads_of)
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: opt.state[p]["momentum"].clone() for n, p in model.named_parameters()})
+
+
+def moe_layouts(world, rank):
+    """name -> (mesh, placements, optimizer kwargs, batch rows, replica group or None)."""
+    everything = slice(None)
+    rep2 = {"router": [Replicate()], "w1": [Shard(0)], "w2": [Shard(0)]}
+    if world == 2:
+        return {"moe_ep": (init_device_mesh("cpu", (2,)), rep2, {}, everything, None)}
+    dp_ep = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    half = GLOBAL_BATCH // 2
+    dp_rows = slice(dp_ep["dp"].get_local_rank() * half, (dp_ep["dp"].get_local_rank() + 1) * half)
+    dp = dp_ep["dp"].get_group()
+    ep_fsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "fsdp"))
+    return {
+        # one rank holds no expert
+        "moe_ep4": (init_device_mesh("cpu", (4,)), rep2, {}, everything, None),
+        # EP x data-parallel replicas, synchronized by Dion's compressed factors
+        "moe_ep_dp": (dp_ep, {n: [Replicate(), *pl] for n, pl in rep2.items()},
+                      dict(replicate_group=dp), dp_rows, dp),
+        # EP x FSDP on a matrix dim (the router, 2-D, on its rows)
+        "moe_ep_fsdp": (ep_fsdp, {"router": [Replicate(), Shard(0)],
+                                  "w1": [Shard(0), Shard(1)], "w2": [Shard(0), Shard(1)]},
+                        {}, everything, None),
+    }
+
+
+def moe_scenario(name, mesh, placements, kw, rows, replica, ref) -> dict:
+    model = moe_sharded(mesh, placements)
+    opt = moe_opt(model, **kw)
+    moe_train(model, opt, rows, 0, STEPS)
+    ref_params, ref_momenta = ref
+    errs, mom_errs, identical = {}, {}, True
+    for n, p in model.named_parameters():
+        errs[n] = rel_err(full(p.detach()), ref_params[n])
+        mom = full(opt.state[p]["momentum"]).clone()
+        if replica is not None:
+            dist.all_reduce(mom, group=replica)
+            mom /= dist.get_world_size(replica)
+            local = p.to_local().detach()
+            lo, hi = local.clone(), local.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=replica)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=replica)
+            identical &= bool(torch.equal(lo, hi))
+        mom_errs[n] = rel_err(mom, ref_momenta[n])
+    stats = opt.comm_stats()
+    return dict(name=name, world=dist.get_world_size(), rank=dist.get_rank(),
+                param_err=max(errs.values()), momentum_err=max(mom_errs.values()),
+                replicas_identical=identical,
+                local_experts=opt.plan(model.w1, opt.param_groups[-1]).local_batch,
+                q_shape=list(opt.state[model.w1]["Q"].shape),
+                q_placements=[str(pl) for pl in opt.state[model.w1]["Q"].placements],
+                expected_elements=expected_elements(model, opt, 0.5, "randomized",
+                                                    dist.get_world_size()),
+                measured_elements={k: v["elements"] for k, v in stats["by_kind"].items()})
+
+
+class SplitMoE(nn.Module):
+    """MoE with one parameter per expert for w1 (as a module per expert has), w2 stacked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = MoE()
+        self.router, self.w2 = base.router, base.w2
+        self.w1 = nn.ParameterList([nn.Parameter(base.w1[e].detach().clone())
+                                    for e in range(EXPERTS)])
+
+
+def moe_idle(world, rank) -> list[dict]:
+    """Experts that get no token on some ranks. Zero gradients: expert 1 on rank 1, inside a
+    stack. Missing (None) gradients: the separate expert parameter w1.1 on rank 1, and the whole
+    stack w2 on rank 0. Compressed replicas over all ranks, on a group with a short timeout so
+    that a desynchronized collective fails instead of hanging; each run is compared with one
+    process given the replicas' mean gradient, a missing one counting as zero."""
+    group = dist.new_group(timeout=timedelta(seconds=60))
+    share = GLOBAL_BATCH // world
+
+    def rank_grads(r, x, y, split):  # what rank r computes on its share of the batch
+        rows = slice(r * share, (r + 1) * share)
+        g = moe_grads(x[rows], y[rows], idle=1 if r == 1 else None)
+        if not split:
+            return g
+        g = {"router": g["router"], "w2": g["w2"],
+             **{f"w1.{e}": g["w1"][e] for e in range(EXPERTS)}}
+        if r == 1:
+            g["w1.1"] = None
+        if r == 0:
+            g["w2"] = None
+        return g
+
+    def mean_grads(split):
+        def grads(x, y):
+            each = [rank_grads(r, x, y, split) for r in range(world)]
+            return {n: sum(g[n] for g in each if g[n] is not None) / world for n in each[0]}
+        return grads
+
+    def run(split, grads_of, replicate_group=None):
+        model = SplitMoE() if split else MoE()
+        groups = torchdion.param_groups(model, stacked=["w1", "w2"], dion=dict(rank_fraction=0.5))
+        opt = torchdion.Dion(groups, lr=0.05, weight_decay=0.01, replicate_group=replicate_group)
+
+        def stacking(x, y):  # moe_grads reads a stacked w1
+            if split:
+                MOE_WEIGHTS["w1"] = torch.stack([MOE_WEIGHTS[f"w1.{e}"] for e in range(EXPERTS)])
+            return grads_of(x, y)
+        moe_train(model, opt, slice(None), 0, STEPS, stacking)
+        return model
+
+    out = []
+    for name, split in (("moe_idle_zero", False), ("moe_idle_none", True)):
+        ref = {n: p.detach() for n, p in run(split, mean_grads(split)).named_parameters()}
+        try:
+            model = run(split, lambda x, y, s=split: rank_grads(rank, x, y, s), group)
+            result = moe_idle_result(name, model, ref, group)
+        except Exception as err:  # reported, not raised: the other ranks must not hang on this one
+            result = dict(name=name, world=world, rank=rank, error=repr(err)[:500])
+        out.append(result)
+    return out
+
+
+def moe_idle_result(name, model, ref, group) -> dict:
+    errs, identical = {}, True
+    for n, p in model.named_parameters():
+        errs[n] = rel_err(p.detach(), ref[n])
+        lo, hi = p.detach().clone(), p.detach().clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+        identical &= bool(torch.equal(lo, hi))
+    return dict(name=name, world=dist.get_world_size(), rank=dist.get_rank(),
+                param_err=max(errs.values()), replicas_identical=identical, error="")
+
+
+def moe_checks(world, rank, ckpt) -> list[dict]:
+    ref = moe_reference()
+    out = [moe_scenario(name, *layout, ref)
+           for name, layout in moe_layouts(world, rank).items()]
+    out += moe_idle(world, rank)
+    path = ckpt + "_moe"
+    if world == 4:  # saved under EP x FSDP ...
+        mesh, placements, kw, rows, _ = moe_layouts(world, rank)["moe_ep_fsdp"]
+        model = moe_sharded(mesh, placements)
+        opt = moe_opt(model, **kw)
+        moe_train(model, opt, rows, 0, CUT)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    else:  # ... resumed under EP over 2 (the pytest process resumes it on one)
+        mesh, placements, kw, rows, _ = moe_layouts(world, rank)["moe_ep"]
+        model = moe_sharded(mesh, placements)
+        opt = moe_opt(model, **kw)
+        moe_resume(model, opt, path)
+        moe_train(model, opt, rows, CUT, STEPS)
+        err = max(rel_err(full(p.detach()), ref[0][n]) for n, p in model.named_parameters())
+        out.append(dict(name="resume_moe_ep", world=world, rank=rank, param_err=err))
+    return out
+
+
+def moe_resume(model, opt, path):
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 CUT = STEPS // 2  # checkpoints are taken after this many steps
 
 
@@ -474,6 +730,7 @@ def main() -> None:
         for name, build in LAYOUTS[world].items():
             results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref))
     results.append(extra_checks(world, rank))
+    results += moe_checks(world, rank, ckpt)
     if world == 4:
         save_checkpoint(world, rank, ckpt)
     else:

@@ -3,7 +3,8 @@
 Two launches (world sizes 2 and 4) run every scenario of dist_worker.py; the tests below read
 their results. Scenarios: rank fractions 1, 1/2, 1/4 x orthonormalize randomized / cholesky x
 layouts (DDP compressed, DDP full sync, FSDP2, TP at world 2; DDP, FSDP2, HSDP 2x2, FSDP x TP
-2x2 at world 4), 10 steps each.
+2x2 at world 4), 10 steps each; and mixture-of-experts layouts (stacked experts under expert
+parallelism, with replicas or FSDP, experts without tokens, checkpoints across EP degrees).
 """
 
 from __future__ import annotations
@@ -187,3 +188,63 @@ def test_every_collective_is_in_the_ledger(results, world):
         for key in ("ledger_init", "ledger_step", "ledger_state"):
             calls, nbytes, collectives, ledger_bytes = r[key]
             assert calls == collectives > 0 and nbytes == ledger_bytes > 0, (key, r)
+
+
+# ------------------------------------------------------------------ mixture of experts
+# dist_worker.moe_*: stacked experts (3 of them, w1 tall and w2 wide, rank 1/2) beside a 2-D
+# router, under expert parallelism alone (EP 2; EP 4, where one rank holds no expert), EP x
+# compressed data parallelism (2 x 2) and EP x FSDP on a matrix dim (2 x 2).
+
+MOE_LAYOUTS = [(2, "moe_ep"), (4, "moe_ep4"), (4, "moe_ep_dp"), (4, "moe_ep_fsdp")]
+
+
+@pytest.mark.parametrize("world,name", MOE_LAYOUTS)
+def test_expert_parallel_equals_single_process(results, world, name):
+    rows = scenarios(results, world=world, name=name)
+    for r in rows:
+        assert r["param_err"] < 1e-12 and r["momentum_err"] < 1e-12, r
+        assert r["replicas_identical"], r
+        assert r["measured_elements"] == r["expected_elements"], r
+        assert r["q_shape"] == [3, 6, 3], r  # (experts, min(m, n), r) whatever the layout
+    # every expert is stepped by exactly the ranks of one EP coordinate
+    held = sorted(r["local_experts"][0] for r in rows)
+    assert held == {"moe_ep": [1, 2], "moe_ep4": [0, 1, 1, 1], "moe_ep_dp": [1, 1, 2, 2],
+                    "moe_ep_fsdp": [1, 1, 2, 2]}[name]
+
+
+@pytest.mark.parametrize("world,name", [(2, "moe_ep"), (4, "moe_ep4")])
+def test_expert_parallelism_needs_no_collective(results, world, name):
+    for r in scenarios(results, world=world, name=name):
+        assert r["measured_elements"] == {} and r["param_err"] == 0.0, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["moe_idle_zero", "moe_idle_none"])
+def test_expert_without_tokens_keeps_replicas_in_step(results, world, name):
+    for r in scenarios(results, world=world, name=name):
+        assert r["error"] == "", r
+        assert r["param_err"] < 1e-12 and r["replicas_identical"], r
+
+
+def test_moe_checkpoint_moves_between_expert_parallel_degrees(results):
+    # saved under EP x FSDP (2 x 2), resumed under EP over 2 processes
+    for r in scenarios(results, world=2, name="resume_moe_ep"):
+        assert r["param_err"] < 1e-12, r
+
+
+def test_moe_checkpoint_loads_in_a_single_process(results):
+    import dist_worker as w
+    import torch
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref_params, _ = w.moe_reference()
+        model = w.MoE()
+        opt = w.moe_opt(model)
+        w.moe_resume(model, opt, scenarios(results, name="checkpoint_dir")[0]["path"] + "_moe")
+        assert opt.state[model.w1]["Q"].shape == (3, 6, 3)
+        w.moe_train(model, opt, slice(None), w.CUT, w.STEPS)
+        for n, p in model.named_parameters():
+            assert w.rel_err(p.detach(), ref_params[n]) < 1e-12, n
+    finally:
+        torch.set_default_dtype(torch.float32)
