@@ -12,6 +12,7 @@ step of the real model. Each line of the output compares a predicted and a measu
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from torchdion.parallel import fsdp_beside_tp
@@ -37,7 +38,31 @@ def parallelism(name: str, world: int) -> Parallelism:
     sizes = {"ddp": dict(dp=world), "ddp_full": dict(dp=world), "fsdp": dict(fsdp=world),
              "tp": dict(tp=world), "hsdp": dict(dp=2, fsdp=world // 2),
              "fsdp_tp": dict(fsdp=2, tp=world // 2), "hsdp_tp": dict(dp=2, fsdp=2, tp=world // 4)}
-    return Parallelism(**sizes[name])
+    return Parallelism(**sizes[name.removeprefix("moe_")])
+
+
+MOE_TP_DIMS = {"w1": 1, "w2": 2}  # the hidden dim of each stack of experts
+
+
+def moe_layout(name, world, rank):
+    """dist_worker.MoE (3 stacked experts beside a 2-D router) laid out as the planner's
+    Parallelism of the same name lays it out: FSDP's dim 0 of a stack is its expert dim."""
+    layout = name.removeprefix("moe_")
+    kw = {}
+    if layout == "fsdp":
+        mesh, outer = init_device_mesh("cpu", (world,)), []
+    elif layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        outer, kw = [Replicate()], dict(replicate_group=mesh["rep"])
+    else:  # fsdp_tp
+        mesh, outer = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp")), []
+    model = dw.MoE()
+    for n, p in list(model.named_parameters()):
+        placements = [*outer, Shard(0)]
+        if layout == "fsdp_tp":
+            placements.append(Shard(MOE_TP_DIMS[n]) if n in MOE_TP_DIMS else Replicate())
+        setattr(model, n, nn.Parameter(distribute_tensor(p.detach(), mesh, placements)))
+    return model, kw, None
 
 
 def hsdp_tp(world, rank):
@@ -71,7 +96,10 @@ def random_grads(model) -> None:
 def compare(name, world, rank, rank_fraction, method, model, opt) -> dict:
     measured = opt.comm_stats()
     del measured["largest"], measured["largest_matrix_fraction"]
-    params = params_from_module(dw.make_net(), tp_dims=tp_dims())
+    if name.startswith("moe_"):
+        params = params_from_module(dw.MoE(), stacked=["w1", "w2"], tp_dims=MOE_TP_DIMS)
+    else:
+        params = params_from_module(dw.make_net(), tp_dims=tp_dims())
     predicted = ledger(dion_collectives(
         params, parallelism(name, world), DionConfig(rank_fraction, method=method), rank,
         sync_replicas=name != "ddp_full"))
@@ -92,12 +120,17 @@ SCENARIOS = [
     (4, ("ddp", "fsdp", "hsdp", "fsdp_tp"), 0.25, "randomized"),
     (4, ("ddp",), 0.25, "qr"),
     (8, ("hsdp_tp",), 0.25, "randomized"),
+    # stacked experts (3, so the splits are uneven) under expert parallelism over FSDP's ranks
+    (2, ("moe_fsdp",), 0.5, "randomized"),
+    (4, ("moe_fsdp", "moe_hsdp", "moe_fsdp_tp"), 0.5, "randomized"),
 ]
 
 
 def fake(out: str) -> None:
     torch.set_default_dtype(torch.float64)
-    builds = {**dw.LAYOUTS[2], **dw.LAYOUTS[4], "hsdp_tp": hsdp_tp}
+    builds = {**dw.LAYOUTS[2], **dw.LAYOUTS[4], "hsdp_tp": hsdp_tp,
+              **{f"moe_{n}": functools.partial(moe_layout, f"moe_{n}")
+                 for n in ("fsdp", "hsdp", "fsdp_tp")}}
     results = []
     for world in sorted({w for w, *_ in SCENARIOS}):
         for rank in range(world):
@@ -106,7 +139,8 @@ def fake(out: str) -> None:
                                                 if w == world for n in names]:
                 model, kw, _ = builds[name](world, rank)
                 finite_weights(model)
-                opt = dw.make_opt(model, rank_fraction, method, **kw)
+                opt = (dw.moe_opt(model, **kw) if name.startswith("moe_")  # rank 1/2
+                       else dw.make_opt(model, rank_fraction, method, **kw))
                 random_grads(model)
                 opt.step()
                 results.append(compare(name, world, rank, rank_fraction, method, model, opt))

@@ -28,6 +28,7 @@ from torchdion.plan import (
     predict_comm_time,
 )
 from torchdion.plan.cli import main
+from torchdion.plan.collectives import fsdp_collectives
 from torchdion.plan.report import plot
 
 WORKER = Path(__file__).with_name("plan_worker.py")
@@ -56,8 +57,9 @@ def measured(tmp_path_factory) -> list[dict]:
 
 def test_every_layout_and_rank_is_covered(measured):
     seen = {(r["source"], r["world"], r["name"]) for r in measured}
-    for world, names in ((2, ("ddp", "ddp_full", "fsdp", "tp")),
-                         (4, ("ddp", "fsdp", "hsdp", "fsdp_tp")), (8, ("hsdp_tp",))):
+    for world, names in ((2, ("ddp", "ddp_full", "fsdp", "tp", "moe_fsdp")),
+                         (4, ("ddp", "fsdp", "hsdp", "fsdp_tp", "moe_fsdp", "moe_hsdp",
+                              "moe_fsdp_tp")), (8, ("hsdp_tp",))):
         for name in names:
             assert ("fake", world, name) in seen
     assert {("gloo", 2, n) for n in ("ddp", "fsdp", "tp")} <= seen
@@ -135,6 +137,9 @@ def test_presets_and_default_layouts():
     assert counts["gpt2-small"] == 124_439_808
     assert 2.8e9 < counts["gpt-3b"] < 3.0e9
     assert 405e9 < counts["llama3-405b"] < 406e9
+    assert 46.6e9 < counts["mixtral-8x7b"] < 46.8e9  # 8 experts of 3 stacked (E, ., .) weights
+    experts = [p for p in PRESETS["mixtral-8x7b"].params() if p.stacked]
+    assert len(experts) == 3 * 32 and experts[0].shape == (8, 14336, 4096)
     cluster = Cluster()
     assert default_parallelism(PRESETS["gpt2-small"].params(), 64, cluster) == Parallelism(dp=64)
     big = default_parallelism(PRESETS["llama3-405b"].params(), 16384, cluster)
@@ -181,3 +186,15 @@ def test_fsdp_row_counts_its_own_gathers_and_reduce_scatter():
     assert fsdp.collectives == 3
     assert fsdp.payload_bytes == 4 * (2 * 18 * 30 + 70 * 30)
     assert fsdp.wire_bytes == pytest.approx(4 * (2 * 3 * 18 * 30 + 3 / 4 * 70 * 30))
+
+
+def test_moe_preset_experts_split_over_fsdp_need_no_dion_collective():
+    params = PRESETS["mixtral-8x7b"].params()
+    experts = [p for p in params if p.stacked]
+    # 8 experts over FSDP 8: each rank steps whole experts, and Dion sends nothing for them
+    assert dion_collectives(experts, Parallelism(fsdp=8), DionConfig(0.25), rank=3) == []
+    # under TP the hidden dim (the long side) is split: its row sums travel over TP, one
+    # bucket per kind for all experts and layers
+    tp = ledger(dion_collectives(experts, Parallelism(fsdp=8, tp=2), DionConfig(0.25)))
+    assert set(tp["by_kind"]) == {"sketch", "gram", "R"} and tp["collectives"] == 3
+    assert fsdp_collectives(experts, Parallelism(fsdp=8)) == []  # not gathered: EP

@@ -100,8 +100,11 @@ def muon_collectives(params: list[Param], par: Parallelism, rank: int = 0) -> li
 
 def fsdp_collectives(params: list[Param], par: Parallelism, rank: int = 0) -> list[Collective]:
     """FSDP's own traffic per step, the same whatever the optimizer: the parameters all-gathered
-    for the forward and again for the backward, the gradients reduce-scattered."""
-    if par.fsdp == 1:
+    for the forward and again for the backward, the gradients reduce-scattered. Stacked experts
+    split over the FSDP ranks (expert parallelism) are not gathered; the tokens they exchange
+    instead are activations, not counted here."""
+    params = [p for p in params if not p.stacked]
+    if par.fsdp == 1 or not params:
         return []
     coords = par.coords(rank)
     shard = sum(math.prod(local_shape(p, par, coords)) for p in params)
@@ -148,8 +151,8 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
         batches[(plan, compute)] = batches.get((plan, compute), 0) + 1
     gens, plans = [], []
     for (plan, compute), count in batches.items():
-        B = _meta((count, *plan.local_shape), compute)
-        Q = _meta((count, *plan.q_shape), compute)
+        B = _meta((count, *plan.local_batch, *plan.local_shape), compute)
+        Q = _meta((count, *plan.local_batch, *plan.q_shape), compute)
         sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
             else None
         gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,

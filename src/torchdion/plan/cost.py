@@ -95,7 +95,8 @@ def muon_flops(params: list[Param], par: Parallelism, rank: int = 0) -> float:
     for p in params:
         if p.matrix:
             a, b = max(p.matrix_shape), min(p.matrix_shape)
-            flops += NS_ITERATIONS * (4 * a * b * b + 2 * b ** 3)
+            count = math.prod(p.shape[:-2]) if p.stacked else 1  # all of a stack's matrices
+            flops += count * NS_ITERATIONS * (4 * a * b * b + 2 * b ** 3)
     return flops
 
 
@@ -121,7 +122,8 @@ def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int
             plan = matrix_plan(p, par, coords, rank_fraction=cfg.rank_fraction,
                                rank_multiple_of=cfg.rank_multiple_of, method=cfg.method)
             (a_loc, b_loc), r = plan.local_shape, plan.rank
-            flops += (4 + 4 * cfg.power_iters) * a_loc * b_loc * r
-            flops += cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,
-                                                            cfg.method)
+            count = math.prod(plan.local_batch)  # the matrices of a stack held here
+            flops += count * (4 + 4 * cfg.power_iters) * a_loc * b_loc * r
+            flops += count * cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,
+                                                                    cfg.method)
     return flops

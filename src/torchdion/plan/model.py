@@ -16,7 +16,11 @@ class GPTShape:
     """A decoder-only transformer. Q, K, V and the output projection are separate matrices
     (orthonormalized optimizers treat each projection on its own); ``gated`` gives a SwiGLU MLP
     (gate, up, down), else fc1 / fc2. Column-parallel under TP: Q, K, V, fc1 / gate / up and the
-    vocab dim of the embedding and head; row-parallel: the output projection and fc2 / down."""
+    vocab dim of the embedding and head; row-parallel: the output projection and fc2 / down.
+    ``experts`` > 0: every MLP is a mixture of that many experts, stacked as torchtitan's
+    GroupedExperts holds them (w1, w3: (E, ffn, d); w2: (E, d, ffn); TP on the ffn dim), with a
+    router (E, d); Dion steps each expert as its own matrix, and FSDP's ranks split the experts
+    (expert parallelism)."""
 
     name: str
     d_model: int
@@ -32,6 +36,7 @@ class GPTShape:
     learned_positions: bool = True
     bias: bool = True  # linear and norm biases (GPT-2); False: RMSNorm-style weights only
     itemsize: int = 4
+    experts: int = 0
 
     def params(self) -> list[Param]:
         d, s = self.d_model, self.itemsize
@@ -63,7 +68,13 @@ class GPTShape:
             out += mat(L + "v", kv * hd, d, 0)
             out += mat(L + "o", d, heads * hd, 1)
             out += norm(L + "mlp_norm")
-            if self.gated:
+            if self.experts:
+                E = self.experts
+                out.append(Param(L + "router", (E, d), True, None, s))
+                out += [Param(L + "experts.w1", (E, ffn, d), True, 1, s, stacked=True),
+                        Param(L + "experts.w3", (E, ffn, d), True, 1, s, stacked=True),
+                        Param(L + "experts.w2", (E, d, ffn), True, 2, s, stacked=True)]
+            elif self.gated:
                 out += mat(L + "gate", ffn, d, 0) + mat(L + "up", ffn, d, 0)
                 out += mat(L + "down", d, ffn, 1)
             else:
@@ -81,6 +92,10 @@ PRESETS = {
         "llama3-405b", d_model=16384, n_layers=126, vocab=128256, context=8192, ffn=53248,
         n_heads=128, kv_heads=8, head_dim=128, gated=True, tied=False, learned_positions=False,
         bias=False),
+    "mixtral-8x7b": GPTShape(
+        "mixtral-8x7b", d_model=4096, n_layers=32, vocab=32000, context=4096, ffn=14336,
+        n_heads=32, kv_heads=8, head_dim=128, gated=True, tied=False, learned_positions=False,
+        bias=False, experts=8),
 }
 
 
@@ -95,20 +110,22 @@ def params_from_shapes(shapes: Iterable[tuple[int, ...]], itemsize: int = 4,
 
 def params_from_module(module: nn.Module, head: nn.Module | None = None,
                        tp_dims: Mapping[str, int] | None = None,
-                       flatten: bool = False) -> list[Param]:
+                       flatten: bool = False, stacked=None) -> list[Param]:
     """The parameters of ``module`` sorted as :func:`torchdion.param_groups` sorts them.
 
     ``tp_dims``: parameter name -> the dim tensor parallelism shards (0 for ColwiseParallel,
-    1 for RowwiseParallel). Sizes are the module's full (unsharded) shapes.
+    1 for RowwiseParallel). ``stacked``: as for param_groups (names of stacked experts). Sizes
+    are the module's full (unsharded) shapes.
     """
     tp_dims = dict(tp_dims or {})
     names = {id(p): n for n, p in module.named_parameters()}
     out = []
-    for group in param_groups(module, head=head, flatten=flatten):
+    for group in param_groups(module, head=head, flatten=flatten, stacked=stacked):
         for p in group["params"]:
             name = names[id(p)]
             out.append(Param(name, tuple(p.shape), group["algorithm"] == "dion",
-                             tp_dims.pop(name, None), p.element_size()))
+                             tp_dims.pop(name, None), p.element_size(),
+                             stacked=group.get("stacked", False)))
     if tp_dims:
         raise ValueError(f"tp_dims names no parameter of the module: {sorted(tp_dims)}")
     return out

@@ -25,6 +25,9 @@ class Param:
     row-parallel linears, None when replicated over TP). Under TP, FSDP shards the other dim
     of a matrix that TP shards on dim 0 (Dion needs each matrix dim sharded by at most one mesh
     dim), and dim 0 otherwise. ``itemsize``: bytes per element of the parameter and its gradient.
+    ``stacked``: the leading dims index independent matrices (MoE experts, Dion's
+    ``stacked=True``); FSDP's dim 0 is then the expert dim: the experts are split over the FSDP
+    ranks (expert parallelism borrowing them, as torchtitan does), held whole where they live.
     """
 
     name: str
@@ -32,6 +35,7 @@ class Param:
     matrix: bool
     tp_dim: int | None = None
     itemsize: int = 4
+    stacked: bool = False
 
     @property
     def numel(self) -> int:
@@ -39,7 +43,10 @@ class Param:
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        """(m, n) = (fan_out, fan_in); a >2-D tensor is (out, in * prod(kernel))."""
+        """(m, n) = (fan_out, fan_in) (of each matrix of a stack); another >2-D tensor is
+        (out, in * prod(kernel))."""
+        if self.stacked:
+            return self.shape[-2], self.shape[-1]
         return self.shape[0], math.prod(self.shape[1:])
 
 
@@ -122,7 +129,8 @@ def matrix_plan(p: Param, par: Parallelism, coords: dict[str, int], *, rank_frac
     """The optimizer's plan of matrix ``p`` on the rank at ``coords``; the replicas are the
     "dp" axis when the optimizer synchronizes them itself."""
     syncs = sync_replicas and par.dp > 1
-    return plan_matrix(p.shape, shards(p, par, coords), flatten=len(p.shape) > 2,
+    return plan_matrix(p.shape, shards(p, par, coords),
+                       flatten=len(p.shape) > 2 and not p.stacked, stacked=p.stacked,
                        rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
                        orthonormalize=method, replicas="dp" if syncs else None,
                        replicas_size=par.dp, name=p.name)
