@@ -45,6 +45,10 @@ def test_unsupported_combinations_raise_clearly():
         check(TrainConfig(parallel="tp", n_head=3), world=2)
     with pytest.raises(NotImplementedError, match="Muon"):
         check(TrainConfig(parallel="fsdp", optimizer="muon"), world=2)
+    with pytest.raises(ValueError, match="--parallel ep .* --moe 2 or more"):
+        check(TrainConfig(parallel="ep"), world=2)
+    with pytest.raises(NotImplementedError, match="with --moe use"):
+        check(TrainConfig(parallel="tp", moe=4), world=2)
 
 
 def _weights(ckpt_dir, tmp_path, name):
@@ -106,6 +110,23 @@ def test_two_workers_train_and_resume_exactly(tmp_path, capfd):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_moe_expert_parallel_equals_replicated(tmp_path):
+    """--moe 3: stacked experts stepped by Dion (stacked=True). Split over 2 processes (EP, the
+    rest FSDP2; experts 2 + 1) the run is the replicated one (compressed Dion sync) up to
+    summation order, and it learns."""
+    tiny = [*TINY, "--moe", "3", "--ckpt-interval", "0", "--sample-chars", "0"]
+    cli.main([*tiny, "--out", str(tmp_path / "ddp")])
+    cli.main([*tiny, "--out", str(tmp_path / "ep"), "--parallel", "ep"])
+    replicated, split = _records(tmp_path / "ddp"), _records(tmp_path / "ep")
+    assert [r["kind"] for r in split] == [r["kind"] for r in replicated]
+    for r, q in zip(replicated, split):
+        assert abs(r.get("loss", r.get("val_loss")) - q.get("loss", q.get("val_loss"))) < 1e-4
+    train = [r["loss"] for r in replicated if r["kind"] == "train"]
+    assert sum(train[-3:]) < sum(train[:3]) - 0.3
+    summary = json.loads((tmp_path / "ep" / "summary.json").read_text())
+    assert summary["sync"] == "ep" and summary["config"]["moe"] == 3
 
 
 def test_convergence_benchmark_quick(tmp_path):

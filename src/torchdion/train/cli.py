@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", choices=PARALLEL, default=d.parallel,
                    help="layout: ddp replicates the model; fsdp shards it (FSDP2); hsdp "
                    "replicates 2 FSDP2 shard groups; tp splits matrices (Megatron); fsdp-tp "
-                   "nests TP inside FSDP2")
+                   "nests TP inside FSDP2; ep splits the experts of --moe over the processes "
+                   "(expert parallelism) and shards the rest with FSDP2")
     g.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per worker; 0 = cores / workers")
     g = p.add_argument_group("optimizer")
@@ -98,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int, default=d.n_head,
                    help="attention heads; must divide --d-model")
     g.add_argument("--d-model", type=int, default=d.d_model, help="width of the residual stream")
+    g.add_argument("--moe", type=int, default=d.moe, metavar="E",
+                   help="mixture of experts: each MLP becomes E experts of its width with top-2 "
+                   "routing; Dion steps each expert as its own matrix (0: dense MLPs)")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval,
                    help="steps between validation losses (and one at the last step)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 OPTIMIZERS = ("dion", "muon", "adamw", "adamw-powersgd")
 DEFAULT_LR = {"dion": 0.02, "muon": 0.02, "adamw": 3e-3, "adamw-powersgd": 3e-3}
-PARALLEL = ("ddp", "fsdp", "tp", "fsdp-tp", "hsdp")
+PARALLEL = ("ddp", "fsdp", "tp", "fsdp-tp", "hsdp", "ep")
 DECAYS = ("cosine", "linear", "none")
 DION_SYNCS = ("compressed", "ddp")
 # What a run writes in --out: a directory holding any of these holds a previous run.
@@ -44,6 +44,7 @@ class TrainConfig:
     n_layer: int = 6
     n_head: int = 6
     d_model: int = 192
+    moe: int = 0  # experts per MLP (0: dense MLPs)
     eval_interval: int = 100
     eval_batches: int = 16
     ckpt_interval: int = 200  # 0: no checkpoints
@@ -104,6 +105,7 @@ _RULES = [
     ("n_layer", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("n_head", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("d_model", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("moe", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: dense MLPs)"),
     ("eval_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("eval_batches", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("ckpt_interval", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no checkpoints)"),
@@ -150,6 +152,12 @@ def _check_layout(cfg: TrainConfig, world: int) -> None:
         what = "2 replicas of world/2 shards" if p == "hsdp" else "FSDP over 2, TP over world/2"
         raise ValueError(f"--parallel {p} needs an even number of processes >= 4 ({what}), "
                          f"got {world}")
+    if p == "ep" and cfg.moe < 2:
+        raise ValueError("--parallel ep splits the experts of --moe E over the processes: give "
+                         "--moe 2 or more")
+    if p in ("tp", "fsdp-tp") and cfg.moe:
+        raise NotImplementedError(f"--parallel {p} splits the dense MLP's matrices; with --moe "
+                                  "use ddp, fsdp, hsdp or ep")
     if p != "ddp" and cfg.optimizer not in ("dion", "adamw"):
         raise NotImplementedError(
             f"--parallel {p} runs --optimizer dion or adamw, not {cfg.optimizer} "

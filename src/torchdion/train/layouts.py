@@ -18,6 +18,8 @@ def apply(model, cfg: TrainConfig, rank: int, world: int, device):
         return None, 0, 1
     if cfg.parallel == "fsdp-tp":
         return None, fsdp_tp(model, world, device), 2
+    if cfg.parallel == "ep":
+        expert_parallel(model, world, device)
     return None, rank, world
 
 
@@ -57,6 +59,28 @@ def fsdp_tp(model, world: int, device) -> int:
         fully_shard(blk, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
     fully_shard(model, mesh=mesh["dp"], shard_placement_fn=fsdp_beside_tp)
     return mesh["dp"].get_local_rank()
+
+
+def expert_parallel(model, world: int, device) -> None:
+    """Each MoE's stacked experts split over all processes (Shard(0), whole experts per rank),
+    the other parameters sharded by FSDP2 over the same processes. Every process reads its own
+    batch; the experts' gradients are complete where they live (the token exchange carries
+    them), so no data-parallel sync touches them and Dion needs no collective for them."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_mesh(device, (world,))
+    experts = set()
+    for blk in model.blocks:
+        for name in ("w_in", "w_out"):
+            w = nn.Parameter(distribute_tensor(getattr(blk.moe, name).detach(), mesh, [Shard(0)]))
+            setattr(blk.moe, name, w)
+            experts.add(w)
+        blk.moe.expert_parallel(mesh.get_group())
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh, ignored_params=experts)
+    fully_shard(model, mesh=mesh, ignored_params=experts)
 
 
 def tensor_parallel(model, mesh) -> None:

@@ -97,7 +97,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(GPTConfig(vocab_size=self.data.vocab_size, seq_len=cfg.seq_len,
                                    n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                   d_model=cfg.d_model)).to(self.device)
+                                   d_model=cfg.d_model, n_expert=cfg.moe)).to(self.device)
         replicate, self.data_rank, self.data_world = layouts.apply(
             self.model, cfg, rank, world, self.device)
         self.setup = optim.build(

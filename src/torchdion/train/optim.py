@@ -35,13 +35,14 @@ class SyncMode(str, Enum):
     HSDP = "hsdp"
     TP = "tp"
     FSDP_TP = "fsdp-tp"
+    EP = "ep"  # experts split over the processes, the rest FSDP2
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def sharded(self) -> bool:
-        return self in (SyncMode.FSDP, SyncMode.HSDP, SyncMode.TP, SyncMode.FSDP_TP)
+        return self in (SyncMode.FSDP, SyncMode.HSDP, SyncMode.TP, SyncMode.FSDP_TP, SyncMode.EP)
 
     @property
     def uses_ddp(self) -> bool:
@@ -121,7 +122,7 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
     opts: list[torch.optim.Optimizer]
     if kind == "dion":
         groups = torchdion.param_groups(
-            model, head=head, dion=dict(rank_fraction=rank_fraction),
+            model, head=head, dion=dict(rank_fraction=rank_fraction), stacked="*.moe.w_*",
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
         if sync == SyncMode.DION_COMPRESSED:
             import torch.distributed as dist

@@ -19,6 +19,7 @@ SENDER = {
     SyncMode.HSDP: "the optimizer (FSDP2's own not counted)",
     SyncMode.TP: "the optimizer (TP's activations not counted)",
     SyncMode.FSDP_TP: "the optimizer (FSDP2's and TP's own not counted)",
+    SyncMode.EP: "the optimizer (FSDP2's and the token exchange not counted)",
 }
 
 
