@@ -190,3 +190,18 @@ def test_param_groups_names_stacked_parameters():
     torchdion.Dion(groups)  # accepted as built
     with pytest.raises(ValueError, match="stacked must be a glob pattern"):
         torchdion.param_groups(model, stacked=[3])
+
+
+def test_plan_of_a_sharded_stack():
+    from torchdion.matrix_plan import DimShard, plan_matrix
+
+    # experts split over EP (dim 0, 2 parts, second piece), nested in another mesh dim, as
+    # DTensor nests two shards of one dim; rows split by FSDP on dim 1 (the matrix's dim 0)
+    plan = plan_matrix((5, 8, 6), [DimShard(0, 2, 1, "ep"), DimShard(0, 2, 0, "x"),
+                                   DimShard(1, 2, 1, "fsdp")], stacked=True, rank_fraction=0.5)
+    assert plan.batch == (5,) and plan.batch_block == ((3, 4),) and plan.local_batch == (1,)
+    assert plan.rows == (4, 8) and plan.groups == {"row": "fsdp"}  # EP is no axis of the step
+    assert plan.q_global_shape == (5, 6, 3)
+    with pytest.raises(ValueError, match="experts.w1.*not supported"):
+        plan_matrix((4, 8, 6), [DimShard(1, 2, 0, "a"), DimShard(1, 2, 1, "b")], stacked=True,
+                    name="experts.w1")
