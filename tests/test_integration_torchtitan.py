@@ -95,10 +95,12 @@ def test_container_builds_one_dion_with_name_pattern_groups_and_trains():
         by_algorithm.setdefault(group["algorithm"], set()).update(group["param_names"])
     hidden = {n for n, p in model.named_parameters() if p.ndim == 2
               and not n.startswith(("tok_embeddings", "lm_head"))}
-    assert by_algorithm["dion"] == hidden
-    assert by_algorithm["adamw"] == {n for n, _ in model.named_parameters()} - hidden
-    assert {"tok_embeddings.weight", "lm_head.weight", "layers.1.moe.experts.w1"} <= \
-        by_algorithm["adamw"]
+    experts = {n for n, _ in model.named_parameters() if ".experts." in n}
+    assert by_algorithm["dion"] == hidden | experts  # each expert its own Dion matrix
+    assert by_algorithm["adamw"] == {n for n, _ in model.named_parameters()} - hidden - experts
+    assert {"tok_embeddings.weight", "lm_head.weight"} <= by_algorithm["adamw"]
+    stacked = [g for g in opt.param_groups if g.get("stacked")]
+    assert {n for g in stacked for n in g["param_names"]} == experts
     dion_group = next(g for g in opt.param_groups if g["algorithm"] == "dion")
     assert dion_group["rank_fraction"] == 0.5 and dion_group["lr"] == 0.02
 

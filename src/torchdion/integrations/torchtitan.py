@@ -89,14 +89,16 @@ def dion_param_groups(
     experts: dict[str, Any] | None = None,
 ) -> list[ParamGroupConfig]:
     """Name-pattern groups for one Dion: embeddings, output head, norms and biases element-wise
-    (``elementwise``, at ``adam_lr``), stacked experts as ``experts`` says (element-wise by
-    default: their 3-D weights are not single matrices), every other parameter (the hidden
-    matrices) Dion at ``lr`` with the ``dion`` overrides (``rank_fraction``, ...)."""
+    (``elementwise``, at ``adam_lr``), stacked experts Dion with ``stacked=True`` (each expert
+    its own matrix; ``experts`` overrides, e.g. ``{"algorithm": "adamw", "stacked": False}``),
+    every other parameter (the hidden matrices) Dion at ``lr`` with the ``dion`` overrides
+    (``rank_fraction``, ...), which the experts share."""
     side = {"algorithm": elementwise, "lr": adam_lr, "weight_decay": weight_decay}
+    matrices = {"algorithm": "dion", "lr": lr, "weight_decay": weight_decay, **(dion or {})}
     patterns = [
         (EMBEDDINGS, side), (OUTPUT, side), (NORMS, side), (BIASES, side),
-        (EXPERTS, {**side, **(experts or {})}),
-        (r".*", {"algorithm": "dion", "lr": lr, "weight_decay": weight_decay, **(dion or {})}),
+        (EXPERTS, {**matrices, "stacked": True, **(experts or {})}),
+        (r".*", matrices),
     ]
     return [OptionalParamGroupConfig(pattern=p, optimizer_name="Dion", optimizer_kwargs=dict(kw))
             for p, kw in patterns]
