@@ -8,6 +8,7 @@ caller can check what would be written, in the dtype it would be written in, bef
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ def adamw(
     beta2: float,
     eps: float,
     weight_decay: float,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]]:
     """AdamW with decoupled weight decay; ``steps`` already counts this step. Returns the new
     (params, exp_avgs, exp_avg_sqs)::
 
@@ -63,7 +64,7 @@ def lion(
     beta1: float,
     beta2: float,
     weight_decay: float,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
     """Lion. Returns the new (params, exp_avgs)::
 
         x = x (1 - lr wd) - lr sign(b1 m + (1 - b1) g),  m = b2 m + (1 - b2) g

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 
 from .matrix_plan import DimShard, MatrixPlan
 
@@ -47,7 +48,7 @@ def q_state(Q_local: Tensor, p: Tensor, plan: MatrixPlan) -> Tensor:
         return Q_local
     nb = len(plan.batch)
     col_group = plan.groups.get("col")
-    placements = []
+    placements: list[Placement] = []
     for d, placement in enumerate(p.placements):
         if isinstance(placement, Shard) and placement.dim < nb:
             placements.append(Shard(placement.dim))

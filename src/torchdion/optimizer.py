@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -332,7 +332,8 @@ class Dion(Optimizer):
             plan = self.plan(p, group)
             state["momentum"] = zeros()
             Q = initial_q(plan.b, plan.rank, self.seed, index, dtype, plan.batch)
-            Q = Q[(*plan.batch_slices, plan.col_slice)]
+            block = (*plan.batch_slices, plan.col_slice)
+            Q = Q[block]
             state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
         else:
             state["exp_avg"] = zeros()
@@ -455,7 +456,8 @@ class Dion(Optimizer):
 
     @nonfinite_skips.setter
     def nonfinite_skips(self, value: int) -> None:
-        self._skips_read, self._skip_counts = int(value), {}
+        self._skips_read = int(value)
+        self._skip_counts: dict[torch.device, Tensor] = {}
 
     def _count_skips(self, oks: list[Tensor]) -> None:
         by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
@@ -531,9 +533,10 @@ class Dion(Optimizer):
             A = plan.canonical(self._local_matrix(p, group))
             # all matrices at once; where some met a non-finite value, only the others
             for j in [()] if bool(ok.all()) else [tuple(j) for j in ok.nonzero().tolist()]:
-                res.write_momentum((i, *j), M[j])
-                Q[j].copy_(res.Q[(i, *j)])
-                res.apply_update((i, *j), A[j], alpha, 1 - lr * wd)
+                matrix = (i, *j)
+                res.write_momentum(matrix, M[j])
+                Q[j].copy_(res.Q[matrix])
+                res.apply_update(matrix, A[j], alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],
                            grads: dict[Tensor, Tensor]):
@@ -545,6 +548,7 @@ class Dion(Optimizer):
                    [local_tensor(s["exp_avg"]) for s in states]]
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), group["weight_decay"]
+        new: tuple[Sequence[Tensor], ...]
         if group["algorithm"] == "adamw":
             targets.append([local_tensor(s["exp_avg_sq"]) for s in states])
             new = elementwise.adamw(targets[0], g, targets[1], targets[2],

@@ -179,7 +179,7 @@ class DionStep:
     M: Tensor | None = None
     matmul_dtype: torch.dtype | None = None
 
-    def write_momentum(self, i: int, out: Tensor) -> None:
+    def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
         """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
 
         Unless already formed, computed in whichever orientation ``out`` is stored in, so the
@@ -200,7 +200,8 @@ class DionStep:
         else:
             _gemm(out, B, P, R.mT, 1.0, alpha)
 
-    def apply_update(self, i: int, A: Tensor, alpha: float, decay: float) -> None:
+    def apply_update(self, i: int | tuple[int, ...], A: Tensor, alpha: float,
+                     decay: float) -> None:
         """A = decay * A + alpha * P Q^T for ``A`` a canonical view of the weight, in place.
 
         One gemm with beta = decay replaces the scaling pass, the (a, b) product and the add
