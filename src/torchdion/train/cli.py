@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="torch threads per worker; 0 = cores / workers")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="what updates the hidden matrices (see the README's table)")
+                   help="what updates the hidden matrices (see docs/trainer.md)")
     g.add_argument("--rank-fraction", type=float, default=d.rank_fraction,
                    help="Dion rank / min(m, n); for PowerSGD, its rank is this times --d-model")
     g.add_argument("--lr", type=float, default=None,
