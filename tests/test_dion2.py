@@ -1,9 +1,11 @@
-"""Dion2 and Muon (torchdion.dion2) against the float64 reference written from the equations,
-and the same step on simulated row x column shardings (every rank's generator run in-process,
-each Reduce summed over the ranks of its axis) equal to one device."""
+"""Dion2 and Muon against the float64 reference written from the equations: the math of
+torchdion.dion2 on simulated row x column shardings (every rank's generator run in-process, each
+Reduce summed over the ranks of its axis) equal to one device, and torchdion.Dion's "dion2" and
+"muon" groups equal to the reference over several steps (Muon also to torch.optim.Muon)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from helpers import rel_err
 from reference import ReferenceDion2, newton_schulz
 
+import torchdion
 from torchdion.dion2 import dion2_update, select_columns
 from torchdion.dion2 import newton_schulz as ns_generator
 from torchdion.reduce import run_lockstep
@@ -128,24 +131,6 @@ def test_selection_is_by_l1_norm_with_ties_to_lower_index():
     assert s.selected.tolist() == [[1]]
 
 
-def test_fraction_one_with_nesterov_is_torch_muon():
-    """At fraction 1 with Nesterov, three steps equal torch.optim.Muon's (whose Newton-Schulz
-    runs in bf16: agreement to bf16's precision)."""
-    gen = torch.Generator().manual_seed(3)
-    for m, n in [(24, 10), (10, 24)]:
-        X = torch.randn(m, n, generator=gen)
-        p = torch.nn.Parameter(X.clone())
-        muon = torch.optim.Muon([p], lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True)
-        M, Xd = torch.zeros(m, n), X.clone()
-        for _ in range(3):
-            G = torch.randn(m, n, generator=gen)
-            p.grad = G.clone()
-            muon.step()
-            M, Xd, _, _ = sharded_step(M, G, Xd, fraction=1.0, mu=0.9, nesterov=True, lr=0.05,
-                                       wd=0.1, scale=math.sqrt(max(1, m / n)), eps=1e-7)
-        assert rel_err(Xd - X, p.detach() - X) < 2e-2
-
-
 def test_newton_schulz_matches_reference_and_bounds_singular_values():
     gen = torch.Generator().manual_seed(1)
     N = torch.randn(3, 30, 8, generator=gen, dtype=F64)
@@ -184,3 +169,142 @@ def test_nonfinite_is_flagged_on_every_rank(bad, row_parts, col_parts):
                               fraction=0.5, mu=0.9, nesterov=False, row_parts=row_parts,
                               col_parts=col_parts)
     assert not bool(s.ok.any())
+
+
+# ----------------------------------------------------------------- through torchdion.Dion
+
+
+def _optimizer_and_reference(m, n, algorithm, *, fraction=0.5, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, n, generator=gen, dtype=F64)
+    p = torch.nn.Parameter(X.clone())
+    opt = torchdion.Dion([p], lr=0.1, mu=0.9, algorithm=algorithm, rank_fraction=fraction,
+                         weight_decay=0.1, **kw)
+    ref = ReferenceDion2(X, lr=0.1, mu=0.9, fraction=1.0 if algorithm == "muon" else fraction,
+                         weight_decay=0.1, **kw)
+    return opt, p, ref, gen
+
+
+@pytest.mark.parametrize("lr_scale", ["spectral", "muon", "rms"])
+@pytest.mark.parametrize("algorithm,fraction", [("dion2", 0.25), ("dion2", 0.5), ("muon", 0.25)])
+@pytest.mark.parametrize("m,n", [(16, 6), (6, 16), (7, 7)])
+def test_optimizer_matches_reference(m, n, algorithm, fraction, lr_scale):
+    nesterov = lr_scale == "muon"
+    opt, p, ref, gen = _optimizer_and_reference(m, n, algorithm, fraction=fraction, seed=m + n,
+                                                lr_scale=lr_scale, nesterov=nesterov)
+    for _ in range(4):
+        G = torch.randn(m, n, generator=gen, dtype=F64)
+        p.grad = G.clone()
+        opt.step()
+        ref.step(G)
+        assert rel_err(p, ref.X) < 1e-13
+        assert rel_err(opt.state[p]["momentum"], ref.M) < 1e-13
+    assert set(opt.state[p]) == {"step", "momentum"} and opt.state[p]["step"] == 4
+
+
+def test_update_touches_only_the_selected_slices():
+    """Dion2 at 1/4 on a (6, 16) weight: after decay, exactly ceil(6 / 4) = 2 rows moved, and
+    the momentum's other rows are B itself."""
+    opt, p, _, gen = _optimizer_and_reference(6, 16, "dion2", fraction=0.25)
+    X0 = p.detach().clone()
+    G = torch.randn(6, 16, generator=gen, dtype=F64)
+    p.grad = G.clone()
+    opt.step()
+    moved = ((p.detach() - X0 * (1 - 0.1 * 0.1)).abs().sum(1) > 1e-12).nonzero().flatten()
+    assert len(moved) == 2
+    M = opt.state[p]["momentum"]
+    rest = [i for i in range(6) if i not in moved.tolist()]
+    assert torch.equal(M[rest], G[rest]) and torch.allclose(M[moved], 0.9 * G[moved])
+
+
+def test_muon_matches_torch_optim_muon():
+    """algorithm="muon", nesterov=True, lr_scale="muon" is torch.optim.Muon (whose Newton-Schulz
+    runs in bf16: agreement to bf16's precision, far below the update itself)."""
+    gen = torch.Generator().manual_seed(3)
+    for m, n in [(24, 10), (10, 24)]:
+        X = torch.randn(m, n, generator=gen)
+        p, q = torch.nn.Parameter(X.clone()), torch.nn.Parameter(X.clone())
+        ours = torchdion.Dion([p], lr=0.05, mu=0.9, weight_decay=0.1, algorithm="muon",
+                              nesterov=True, lr_scale="muon", eps=1e-7)
+        theirs = torch.optim.Muon([q], lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True)
+        for _ in range(3):
+            G = torch.randn(m, n, generator=gen)
+            p.grad, q.grad = G.clone(), G.clone()
+            ours.step()
+            theirs.step()
+        assert rel_err(p - X, q - X) < 2e-2
+
+
+def test_one_optimizer_holds_every_algorithm():
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(8, 5)) for _ in range(3)]
+    vecs = [torch.nn.Parameter(torch.randn(5)) for _ in range(2)]
+    groups = [{"params": [mats[0]], "algorithm": "dion", "rank_fraction": 0.5},
+              {"params": [mats[1]], "algorithm": "dion2", "rank_fraction": 0.4},
+              {"params": [mats[2]], "algorithm": "muon", "nesterov": True},
+              {"params": [vecs[0]], "algorithm": "adamw"},
+              {"params": [vecs[1]], "algorithm": "lion"}]
+    opt = torchdion.Dion(groups, lr=0.01)
+    before = [p.detach().clone() for p in mats + vecs]
+    for p in mats + vecs:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(mats + vecs, before))
+    assert set(opt.state[mats[0]]) == {"step", "momentum", "Q"}
+    assert set(opt.state[mats[1]]) == set(opt.state[mats[2]]) == {"step", "momentum"}
+    state = opt.state_dict()
+    assert state["param_groups"][2]["nesterov"] is True
+
+
+@pytest.mark.parametrize("algorithm", ["dion2", "muon"])
+def test_checkpoint_round_trip_continues_identically(algorithm):
+    opt, p, _, gen = _optimizer_and_reference(9, 4, algorithm, nesterov=True)
+    grads = [torch.randn(9, 4, generator=gen, dtype=F64) for _ in range(4)]
+    for G in grads[:2]:
+        p.grad = G.clone()
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    other = torchdion.Dion([q], lr=0.1, mu=0.9, algorithm=algorithm, rank_fraction=0.5,
+                           weight_decay=0.1, nesterov=True)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch would share the tensors
+    for G in grads[2:]:
+        p.grad, q.grad = G.clone(), G.clone()
+        opt.step()
+        other.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["momentum"], other.state[q]["momentum"])
+
+
+def test_nonfinite_gradient_changes_nothing():
+    opt, p, _, gen = _optimizer_and_reference(8, 6, "dion2")
+    p.grad = torch.randn(8, 6, generator=gen, dtype=F64)
+    opt.step()
+    X, M = p.detach().clone(), opt.state[p]["momentum"].clone()
+    p.grad = torch.randn(8, 6, generator=gen, dtype=F64)
+    p.grad[3, 2] = float("nan")
+    opt.step()
+    assert torch.equal(p, X) and torch.equal(opt.state[p]["momentum"], M)
+    assert opt.nonfinite_skips == 1 and opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("ns_steps", 0, "an int >= 1"), ("ns_steps", 2.0, "an int >= 1"),
+    ("nesterov", "yes", "a bool"), ("algorithm", "dion3", "one of"), ("lr_scale", "max", "one of"),
+])
+def test_invalid_options_name_themselves(key, value, expected):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=rf"{key} must be {expected}"):
+        torchdion.Dion([p], **{"algorithm": "dion2", key: value})
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\.{key} must be {expected}"):
+        torchdion.Dion([{"params": [p], "algorithm": "dion2", key: value}])
+
+
+def test_vector_in_a_dion2_group_is_refused_at_construction():
+    with pytest.raises(ValueError, match="needs a matrix"):
+        torchdion.Dion([torch.nn.Parameter(torch.randn(5))], algorithm="dion2")
+
+
+def test_stacked_dion2_is_refused_naming_the_parameter():
+    p = torch.nn.Parameter(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="stacked=True is implemented for algorithm='dion' only"):
+        torchdion.Dion([{"params": [p], "algorithm": "dion2", "stacked": True}])

@@ -211,12 +211,18 @@ def plan_matrix(
     (None: gradients arrive complete), of ``replicas_size`` processes. Replicas exchange P and R
     only when that is cheaper than the gradient: where (a + b) r >= a b the gradient is averaged
     instead and the step has no replica axis. ``algorithm`` names the per-matrix update that
-    consumes the plan (another one may read ``rank`` and ``replica_sync`` its own way).
+    consumes the plan: "dion", or "dion2" / "muon" (:mod:`torchdion.dion2`), whose rank is the
+    number of columns selected (every column for Muon), which use no sketch, and whose replicas
+    always average the whole gradient: Dion2 has no factors that would stand for it.
     ``stacked``: the leading dims index independent matrices; a shard of one of them selects
     matrices (in mesh-dim order, as DTensor nests shards of one dim) and is no axis of the step.
     """
     shape = tuple(shape)
     name = name or f"of shape {shape}"
+    if stacked and algorithm != "dion":
+        raise ValueError(
+            f"parameter {name}: stacked=True is implemented for algorithm='dion' only, not "
+            f"{algorithm!r}; give the stack's matrices as separate parameters, or use Dion")
     m, n = matrix_shape(shape, flatten, name, stacked)
     transposed = m < n
     nb = len(shape) - 2 if stacked else 0
@@ -241,18 +247,19 @@ def plan_matrix(
         ranges[dim] = chunk(shape[s.dim], s.parts, s.index)
     rows, cols = (ranges[1], ranges[0]) if transposed else (ranges[0], ranges[1])
     a, b = max(m, n), min(m, n)
-    r = dion_rank(b, rank_fraction, rank_multiple_of)
+    r = b if algorithm == "muon" else dion_rank(b, rank_fraction, rank_multiple_of)
     sync = "none"
     if replicas is not None and replicas_size > 1:
-        sync = "factors" if (a + b) * r < a * b else "gradient"
+        compresses = algorithm == "dion" and (a + b) * r < a * b
+        sync = "factors" if compresses else "gradient"
         if sync == "factors":
             groups["replica"] = replicas
-    if orthonormalize == "qr" and "row" in groups:
+    if algorithm == "dion" and orthonormalize == "qr" and "row" in groups:
         raise ValueError(
             f"orthonormalize='qr' needs all rows of a matrix on one process, but {name} has its "
             "rows sharded; use 'randomized' or 'cholesky', whose only row sums are small (k x r "
             "and r x r) reductions")
-    k = 0 if orthonormalize == "qr" else sketch_rows(r, a)
+    k = 0 if orthonormalize == "qr" or algorithm != "dion" else sketch_rows(r, a)
     ids = tuple(id(groups.get(axis)) for axis in AXES)
     return MatrixPlan(m, n, transposed, rows, cols, r, k, sync, algorithm, groups, ids,
                       tuple(shape[:nb]), tuple(batch_block))

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from . import elementwise
 from .checkpoint import check_loadable
 from .comm import Comm, group_size
+from .dion2 import Dion2Step, dion2_update
 from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
 from .matrix_plan import MatrixPlan, plan_matrix
@@ -31,6 +32,7 @@ from .update import (
 )
 from .validation import FRAMEWORK_FLAGS as FRAMEWORK_FLAGS  # re-exported: part of the API
 from .validation import (
+    MATRIX_ALGORITHMS,
     PLAN_KEYS,
     STATE_KEYS,
     check,
@@ -65,7 +67,12 @@ class Dion(Optimizer):
         Q = R / (column_norms(R) + eps)
         X = X (1 - lr * weight_decay) - lr * scale(m, n) * P Q^T
 
-    r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)). Other parameters use
+    r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)).
+
+    A ``"dion2"`` group selects the r columns of B = M + G with the largest L1 norms (A's
+    columns: X's shorter side), orthonormalizes only them by Newton-Schulz, updates only them and
+    multiplies only them by mu in M (Ahn, Amsel, Langford 2025; :mod:`torchdion.dion2`). A
+    ``"muon"`` group is Dion2 with every column (r = b): Muon. Other parameters use
     AdamW or Lion (``algorithm`` per group); build the groups with :func:`torchdion.param_groups`.
 
     Args:
@@ -75,18 +82,22 @@ class Dion(Optimizer):
             ``capturable``, ``differentiable``, ``maximize``) are accepted in groups when
             False or None, as frameworks such as torchtitan put them there; True raises.
         lr: learning rate (Dion and the element-wise algorithms).
-        mu: Dion momentum decay of the captured part, in [0, 1).
-        rank_fraction: r / min(m, n), in (0, 1].
+        mu: momentum of Dion, Dion2 and Muon: the part of B a step uses (Dion's P P^T B,
+            Dion2's selected columns, Muon's whole B) is kept times mu, in [0, 1). Dion2's paper
+            calls it ef_decay, torch.optim.Muon momentum.
+        rank_fraction: r / min(m, n), in (0, 1]; for Dion2 the fraction of columns selected
+            (the paper's fraction). Muon ignores it (r = min(m, n)).
         rank_multiple_of: r is rounded up to a multiple of this (then capped at min(m, n)).
         weight_decay: decoupled weight decay, multiplied by lr.
         betas: (beta1, beta2) of AdamW / Lion.
-        eps: AdamW's denominator epsilon and Dion's column-norm epsilon.
+        eps: AdamW's denominator epsilon, Dion's column-norm epsilon and the floor of the norm
+            Newton-Schulz divides by.
         power_iters: power-iteration steps per Dion step.
         orthonormalize: "randomized" (sketched QR then Cholesky QR), "qr" (Householder) or
             "cholesky" (Cholesky QR, falling back to randomized when ill-conditioned).
-        lr_scale: "spectral" (sqrt(m / n)), "rms" (0.2 sqrt(max(m, n)), AdamW-like update RMS)
-            or "none".
-        algorithm: "dion", "adamw" or "lion".
+        lr_scale: "spectral" (sqrt(m / n)), "muon" (sqrt(max(1, m / n)), torch.optim.Muon's and
+            Keller Jordan's), "rms" (0.2 sqrt(max(m, n)), AdamW-like update RMS) or "none".
+        algorithm: "dion", "dion2", "muon", "adamw" or "lion".
         flatten: treat a (out, in, *k) tensor as an (out, in * prod(k)) matrix.
         stacked: treat a (*batch, m, n) tensor as prod(batch) independent (m, n) matrices (the
             experts of a mixture-of-experts layer), each with its own Q, rank, scale and
@@ -98,13 +109,18 @@ class Dion(Optimizer):
         matmul_dtype: None (exact: the math's dtype) or torch.bfloat16 / torch.float16: the
             four (a, b)-sized products of a Dion step (B Q, B^T P, P R^T, P Q^T) take their inputs
             in this dtype; the orthonormalization of P, the column norms, momentum, Q and weight
-            writes stay in fp32 (fp64 for fp64 parameters).
+            writes stay in fp32 (fp64 for fp64 parameters). For Dion2 and Muon: the products of
+            Newton-Schulz after its first Gram (the polynomial is applied in fp32).
+        ns_steps: Newton-Schulz steps of Dion2 and Muon (coefficients in :mod:`torchdion.dion2`).
+        nesterov: Dion2 and Muon orthonormalize G + mu B instead of B (torch.optim.Muon's
+            default is True).
         seed: seeds the initial Q and the randomized sketches; equal on every process.
         raise_on_nonfinite: raise instead of skipping a parameter whose gradient is not finite.
         replicate_group: data-parallel replicas (a ProcessGroup or a 1-D DeviceMesh) whose
             gradients the optimizer synchronizes itself: element-wise gradients by a bucketed
             all-reduce, Dion matrices by exchanging the factors P and R (or their full gradient
-            where (a + b) r >= a b). Run the model without DDP (or under ``no_sync``). Sharding
+            where (a + b) r >= a b; Dion2 and Muon always average the full gradient: they have no
+            factors to exchange). Run the model without DDP (or under ``no_sync``). Sharding
             (FSDP2 / tensor parallel DTensors) is read from the parameters themselves.
         gradients_synchronized: the gradients arriving at ``step`` are already averaged over
             ``replicate_group`` (e.g. by DDP); the optimizer then only keeps replicas' state equal.
@@ -114,9 +130,9 @@ class Dion(Optimizer):
             benchmark).
 
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
-    ((*batch, min(m, n), r); batch is () unless stacked) and ``state[p]["step"]``. A matrix whose
-    step met a non-finite value keeps its weights and state for that step (in a stack, only that
-    matrix); ``nonfinite_skips`` counts such (matrix, step) pairs.
+    ((*batch, min(m, n), r); batch is () unless stacked) and ``state[p]["step"]``; Dion2 and
+    Muon keep no Q. A matrix whose step met a non-finite value keeps its weights and state for
+    that step (in a stack, only that matrix); ``nonfinite_skips`` counts such (matrix, step) pairs.
 
     With ``replicate_group`` (gradients not synchronized), every trainable parameter takes part
     in every step on every replica, and a replica without a gradient for it counts as a zero
@@ -144,6 +160,8 @@ class Dion(Optimizer):
         state_dtype: torch.dtype | None = None,
         matmul_dtype: torch.dtype | None = None,
         stacked: bool = False,
+        ns_steps: int = 5,
+        nesterov: bool = False,
         *,
         seed: int = 0,
         raise_on_nonfinite: bool = False,
@@ -156,7 +174,7 @@ class Dion(Optimizer):
             weight_decay=weight_decay, betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps, power_iters=power_iters, orthonormalize=orthonormalize, lr_scale=lr_scale,
             algorithm=algorithm, flatten=flatten, state_dtype=state_dtype,
-            matmul_dtype=matmul_dtype, stacked=stacked,
+            matmul_dtype=matmul_dtype, stacked=stacked, ns_steps=ns_steps, nesterov=nesterov,
         )
         validate_hyperparameters(defaults)
         check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
@@ -225,7 +243,7 @@ class Dion(Optimizer):
                 if not p.dtype.is_floating_point:
                     raise ValueError(f"{where}[{j}] must be a real floating-point tensor, got "
                                      f"{p.dtype}")
-            if group["algorithm"] == "dion":
+            if group["algorithm"] in MATRIX_ALGORITHMS:
                 for p in group["params"]:  # shapes and placements fail here, not mid-step
                     self.plan(p, group)
         except ValueError:
@@ -250,7 +268,7 @@ class Dion(Optimizer):
             stacked=group["stacked"],
             rank_fraction=group["rank_fraction"], rank_multiple_of=group["rank_multiple_of"],
             orthonormalize=group["orthonormalize"], replicas=replicas,
-            replicas_size=group_size(replicas), name=name)
+            replicas_size=group_size(replicas), name=name, algorithm=group["algorithm"])
         Q = self.state[p].get("Q") if p in self.state else None
         if Q is not None and Q.shape[-1] != plan.rank:
             raise ValueError(
@@ -328,14 +346,15 @@ class Dion(Optimizer):
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
         state["step"] = 0
+        if group["algorithm"] in MATRIX_ALGORITHMS:
+            state["momentum"] = zeros()
         if group["algorithm"] == "dion":
             plan = self.plan(p, group)
-            state["momentum"] = zeros()
             Q = initial_q(plan.b, plan.rank, self.seed, index, dtype, plan.batch)
             block = (*plan.batch_slices, plan.col_slice)
             Q = Q[block]
             state["Q"] = q_state(Q.to(local_tensor(p).device), p, plan)
-        else:
+        elif group["algorithm"] not in MATRIX_ALGORITHMS:
             state["exp_avg"] = zeros()
             if group["algorithm"] == "adamw":
                 state["exp_avg_sq"] = zeros()
@@ -378,7 +397,7 @@ class Dion(Optimizer):
                         f"{self._name(p)} holds the state of another algorithm "
                         f"({sorted(state)}); the algorithm cannot change after a first step")
                 scale = 1.0
-                if group["algorithm"] == "dion":
+                if group["algorithm"] in MATRIX_ALGORITHMS:
                     plan = self.plan(p, group)
                     scale = lr_scale_factor(group["lr_scale"], plan.m, plan.n)
                 _check_scalars_fit(lr, scale, group["weight_decay"], p, where, self._name)
@@ -420,7 +439,7 @@ class Dion(Optimizer):
                 else:
                     continue
                 with_grad.append(p)
-            if group["algorithm"] == "dion":
+            if group["algorithm"] in MATRIX_ALGORITHMS:
                 for p in with_grad:
                     key = BatchKey(gi, self.plan(p, group), p.device, p.dtype,
                                    self.state[p]["step"])
@@ -486,7 +505,7 @@ class Dion(Optimizer):
         return finish
 
     def _dion_phase(self, batches: dict[BatchKey, list[Tensor]], grads: dict[Tensor, Tensor]
-                    ) -> list[tuple[DionStep, Tensor]]:
+                    ) -> list[tuple[DionStep | Dion2Step, Tensor]]:
         gens, plans = [], []
         # Set lazily: torch's optimizer pickling keeps only defaults, state and groups.
         workspace = self.__dict__.get("_workspace")
@@ -500,8 +519,18 @@ class Dion(Optimizer):
             B = accumulate(momenta, [self._local_matrix(grads[p], group) for p in params],
                            compute,
                            workspace.take((len(params), *momenta[0].shape), compute, device))
-            Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             matmul = group["matmul_dtype"]
+            plans.append(plan)
+            if plan.algorithm != "dion":  # Dion2, and Muon as Dion2 with every column
+                G = None
+                if group["nesterov"]:
+                    G = plan.canonical(torch.stack(
+                        [self._local_matrix(grads[p], group) for p in params]).to(compute))
+                gens.append(dion2_update(
+                    plan.canonical(B), G, k=plan.rank, b=plan.b, cols=plan.cols, mu=group["mu"],
+                    ns_steps=group["ns_steps"], eps=group["eps"], matmul_dtype=matmul))
+                continue
+            Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             gens.append(self.update(
                 plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
                 method=group["orthonormalize"],
@@ -509,7 +538,6 @@ class Dion(Optimizer):
                 power_iters=group["power_iters"],
                 tol=direction_tolerance(plan.a, plan.b, compute, matmul),
                 matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
-            plans.append(plan)
         results = run_lockstep(gens, plans, self._comm.complete)
         return [(res, res.ok) for res in results]
 
@@ -519,7 +547,7 @@ class Dion(Optimizer):
         return t.reshape(t.shape[0], -1) if group["flatten"] and t.ndim > 2 else t
 
     def _apply_dion(self, group: dict[str, Any], plan: MatrixPlan, params: list[Tensor],
-                    res: DionStep) -> None:
+                    res: DionStep | Dion2Step) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         alpha = -lr * lr_scale_factor(group["lr_scale"], plan.m, plan.n)
         for i, p in enumerate(params):
@@ -529,13 +557,14 @@ class Dion(Optimizer):
             state = self.state[p]
             state["step"] += 1
             M = plan.canonical(self._local_matrix(state["momentum"], group))
-            Q = local_tensor(state["Q"])
+            Q = local_tensor(state["Q"]) if isinstance(res, DionStep) else None  # Dion2: none
             A = plan.canonical(self._local_matrix(p, group))
             # all matrices at once; where some met a non-finite value, only the others
             for j in [()] if bool(ok.all()) else [tuple(j) for j in ok.nonzero().tolist()]:
                 matrix = (i, *j)
                 res.write_momentum(matrix, M[j])
-                Q[j].copy_(res.Q[matrix])
+                if isinstance(res, DionStep) and Q is not None:  # Dion2 and Muon keep no Q
+                    Q[j].copy_(res.Q[matrix])
                 res.apply_update(matrix, A[j], alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],

@@ -24,11 +24,13 @@ def lr_scale_factor(kind: str, m: int, n: int) -> float:
     """Scale of the orthonormal update for an (m, n) = (fan_out, fan_in) weight."""
     if kind == "spectral":
         return math.sqrt(m / n)
+    if kind == "muon":
+        return math.sqrt(max(1.0, m / n))
     if kind == "rms":
         return 0.2 * math.sqrt(max(m, n))
     if kind == "none":
         return 1.0
-    raise ValueError(f"lr_scale must be 'spectral', 'rms' or 'none', got {kind!r}")
+    raise ValueError(f"lr_scale must be 'spectral', 'muon', 'rms' or 'none', got {kind!r}")
 
 
 def initial_q(b: int, r: int, seed: int, index: int, dtype: torch.dtype,

@@ -16,8 +16,10 @@ from torch import Tensor
 
 from .orthonormalize import METHODS
 
-ALGORITHMS = ("dion", "adamw", "lion")
-LR_SCALES = ("spectral", "rms", "none")
+# Algorithms that treat a parameter as a matrix (a MatrixPlan each); the rest are element-wise.
+MATRIX_ALGORITHMS = ("dion", "dion2", "muon")
+ALGORITHMS = (*MATRIX_ALGORITHMS, "adamw", "lion")
+LR_SCALES = ("spectral", "muon", "rms", "none")
 MATMUL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Keys LR schedulers and torch itself add to groups; accepted, never required.
 FOREIGN_KEYS = frozenset({"params", "initial_lr", "name", "param_names"})
@@ -38,6 +40,8 @@ PLAN_KEYS = ("algorithm", "flatten", "stacked", "rank_fraction", "rank_multiple_
 # The state each algorithm keeps per parameter (once the parameter has state at all).
 STATE_KEYS = {
     "dion": frozenset({"step", "momentum", "Q"}),
+    "dion2": frozenset({"step", "momentum"}),
+    "muon": frozenset({"step", "momentum"}),
     "adamw": frozenset({"step", "exp_avg", "exp_avg_sq"}),
     "lion": frozenset({"step", "exp_avg"}),
 }
@@ -79,6 +83,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                     "None or a floating torch.dtype"),
     "matmul_dtype": (lambda x: x is None or x in MATMUL_DTYPES,
                      "None, torch.bfloat16, torch.float16 or torch.float32"),
+    "ns_steps": (lambda x: _is_int(x, 1), "an int >= 1"),
+    "nesterov": (lambda x: isinstance(x, bool), "a bool"),
 }
 
 
