@@ -71,8 +71,11 @@ def batches(start=0, stop=STEPS):
             yield x, torch.tanh(x @ target)
 
 
-def make_opt(model, rank_fraction, method, **kw):
-    groups = torchdion.param_groups(model, dion=dict(rank_fraction=rank_fraction))
+def make_opt(model, rank_fraction, method, algorithm="dion", **kw):
+    """Hidden matrices in a group of ``algorithm`` ("dion", "dion2", or "muon" with Nesterov)."""
+    matrices = dict(rank_fraction=rank_fraction, algorithm=algorithm,
+                    nesterov=algorithm == "muon")
+    groups = torchdion.param_groups(model, dion=matrices)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         g["param_names"] = [names[id(p)] for p in g["params"]]
@@ -83,9 +86,9 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference(rank_fraction, method):
+def reference(rank_fraction, method, algorithm="dion"):
     model = make_net()
-    opt = make_opt(model, rank_fraction, method)
+    opt = make_opt(model, rank_fraction, method, algorithm)
     for x, y in batches():
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -171,9 +174,10 @@ LAYOUTS = {
 
 
 def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int]:
-    """Elements this rank should send per step, by kind, from the docs/design.md section 2 table.
+    """Elements this rank should send per step, by kind, from the docs/design.md tables (Dion's
+    and Dion2's).
 
-    Written from the table, independently of the library's plan and comm on purpose."""
+    Written from the tables, independently of the library's plan and comm on purpose."""
     out: dict[str, int] = {}
 
     def add(kind, n):
@@ -183,7 +187,7 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
         for p in group["params"]:
             local = p.to_local() if isinstance(p, DTensor) else p
             syncs = opt.replicate_group is not None and not opt.gradients_synchronized
-            if group["algorithm"] != "dion":
+            if group["algorithm"] in ("adamw", "lion"):
                 if syncs:
                     add("grad", local.numel())
                 continue
@@ -195,6 +199,17 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
             size = {ax: (1 if g is None else dist.get_world_size(g))
                     for ax, g in lay.groups.items()}
             row, col, rep = size.get("row", 1), size.get("col", 1), size.get("replica", 1)
+            if group["algorithm"] != "dion":  # Dion2 / Muon: k selected columns
+                k = lay.b if group["algorithm"] == "muon" else r
+                if syncs:
+                    add("grad", local.numel())
+                if row > 1 or col > 1:
+                    add("norms", lay.b * ((row > 1) + (col > 1)))
+                if col > 1:
+                    add("select", a_loc * k)
+                if row > 1:
+                    add("gram", group["ns_steps"] * k * k)
+                continue
             if syncs and (lay.a + lay.b) * r >= lay.a * lay.b:
                 add("grad", local.numel())
             if col > 1:
@@ -213,9 +228,9 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
     return out
 
 
-def run_scenario(name, build, world, rank, rank_fraction, method, ref):
+def run_scenario(name, build, world, rank, rank_fraction, method, ref, algorithm="dion"):
     model, kw, rows = build(world, rank)
-    opt = make_opt(model, rank_fraction, method, **kw)
+    opt = make_opt(model, rank_fraction, method, algorithm, **kw)
     per_step = []
     for x, y in batches():
         opt.zero_grad()
@@ -262,7 +277,7 @@ def run_scenario(name, build, world, rank, rank_fraction, method, ref):
     measured = {k: v["elements"] for k, v in per_step[-1]["by_kind"].items()}
     return dict(
         name=name, world=world, rank=rank, rank_fraction=rank_fraction, method=method,
-        param_err=max(errs.values()), momentum_err=max(mom_errs.values()),
+        algorithm=algorithm, param_err=max(errs.values()), momentum_err=max(mom_errs.values()),
         replicas_identical=identical, averaged_identical=averaged_identical,
         expected_elements=expected, measured_elements=measured,
         largest_fraction=max(s["largest_matrix_fraction"] for s in per_step),
@@ -687,20 +702,20 @@ def train(model, opt, rows, start, stop):
         opt.step()
 
 
-def save_checkpoint(world, rank, path):
+def save_checkpoint(world, rank, path, algorithm="dion"):
     """Compressed DDP for CUT steps, replicas averaged, saved with DCP."""
     model, kw, rows = ddp(world, rank)
-    opt = make_opt(model, 0.25, "randomized", **kw)
+    opt = make_opt(model, 0.25, "randomized", algorithm, **kw)
     train(model, opt, rows, 0, CUT)
     opt.average_replica_state()
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
-def resume_checkpoint(name, build, world, rank, path, ref):
+def resume_checkpoint(name, build, world, rank, path, ref, algorithm="dion"):
     """Load the checkpoint into another layout and world size; finish the run; compare."""
     model, kw, rows = build(world, rank)
-    opt = make_opt(model, 0.25, "randomized", **kw)
+    opt = make_opt(model, 0.25, "randomized", algorithm, **kw)
     model_sd, optim_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
@@ -709,7 +724,8 @@ def resume_checkpoint(name, build, world, rank, path, ref):
     ref_params, _ = ref
     err = max(rel_err(full(p.detach()), ref_params[n.removeprefix("module.")])
               for n, p in model.named_parameters())
-    return {"name": f"resume_{name}", "world": world, "rank": rank, "param_err": err}
+    return {"name": f"resume_{name}", "world": world, "rank": rank, "param_err": err,
+            "algorithm": algorithm}
 
 
 def main() -> None:
@@ -723,20 +739,24 @@ def main() -> None:
     results = []
     # Cholesky QR squares P's condition number; at full rank that is the momentum's own and
     # two correct runs part at the 1e-3 level even in fp64, so it is checked at r < b only.
-    combos = [(1.0, "randomized"), (0.5, "randomized"), (0.5, "cholesky"),
-              (0.25, "randomized"), (0.25, "cholesky")]
-    for rank_fraction, method in combos:
-        ref = reference(rank_fraction, method)
+    combos = [("dion", 1.0, "randomized"), ("dion", 0.5, "randomized"),
+              ("dion", 0.5, "cholesky"), ("dion", 0.25, "randomized"), ("dion", 0.25, "cholesky"),
+              ("dion2", 0.25, "randomized"), ("muon", 1.0, "randomized")]
+    for algorithm, rank_fraction, method in combos:
+        ref = reference(rank_fraction, method, algorithm)
         for name, build in LAYOUTS[world].items():
-            results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref))
+            results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref,
+                                        algorithm))
     results.append(extra_checks(world, rank))
     results += moe_checks(world, rank, ckpt)
     if world == 4:
         save_checkpoint(world, rank, ckpt)
+        save_checkpoint(world, rank, ckpt + "_dion2", "dion2")
     else:
-        ref = reference(0.25, "randomized")
-        for name, build in LAYOUTS[world].items():
-            results.append(resume_checkpoint(name, build, world, rank, ckpt, ref))
+        for algorithm, path in (("dion", ckpt), ("dion2", ckpt + "_dion2")):
+            ref = reference(0.25, "randomized", algorithm)
+            for name, build in LAYOUTS[world].items():
+                results.append(resume_checkpoint(name, build, world, rank, path, ref, algorithm))
     with open(out, "w") as f:
         json.dump(results, f)
     dist.barrier()

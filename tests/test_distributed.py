@@ -1,10 +1,11 @@
 """Distributed Dion equals one device, on every layout, over gloo on CPU.
 
 Two launches (world sizes 2 and 4) run every scenario of dist_worker.py; the tests below read
-their results. Scenarios: rank fractions 1, 1/2, 1/4 x orthonormalize randomized / cholesky x
-layouts (DDP compressed, DDP full sync, FSDP2, TP at world 2; DDP, FSDP2, HSDP 2x2, FSDP x TP
-2x2 at world 4), 10 steps each; and mixture-of-experts layouts (stacked experts under expert
-parallelism, with replicas or FSDP, experts without tokens, checkpoints across EP degrees).
+their results. Scenarios: Dion at rank fractions 1, 1/2, 1/4 x orthonormalize randomized /
+cholesky, Dion2 at 1/4 and Muon (with Nesterov), each on every layout (DDP compressed, DDP full
+sync, FSDP2, TP at world 2; DDP, FSDP2, HSDP 2x2, FSDP x TP 2x2 at world 4), 10 steps each; and
+mixture-of-experts layouts (stacked experts under expert parallelism, with replicas or FSDP,
+experts without tokens, checkpoints across EP degrees).
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def test_ledger_matches_design_formulas(results, world, name):
 
 def test_compressed_ddp_sends_less_than_full_gradients(results):
     # At rank 1/4 every matrix is compressed: the ledger shows no full gradient for them.
-    for r in scenarios(results, name="ddp", rank_fraction=0.25):
+    for r in scenarios(results, name="ddp", rank_fraction=0.25, algorithm="dion"):
         assert r["measured_elements"].get("P", 0) > 0
         full = scenarios(results, name="ddp", rank_fraction=1.0, world=r["world"],
-                         rank=r["rank"])[0]
+                         rank=r["rank"], algorithm="dion")[0]
         assert r["bytes"] < full["bytes"]
 
 
@@ -119,11 +120,23 @@ def test_unsupported_placement_names_parameter_and_fix(results):
         assert "w1.weight" in msg and "_StridedShard" in msg and "Shard(1)" in msg, msg
 
 
+@pytest.mark.parametrize("algorithm", ["dion", "dion2"])
 @pytest.mark.parametrize("name", ["ddp", "ddp_full", "fsdp", "tp"])
-def test_checkpoint_moves_between_layouts_and_world_sizes(results, name):
-    # saved by compressed DDP on 4 processes, resumed here on 2 in another layout
-    for r in scenarios(results, world=2, name=f"resume_{name}"):
+def test_checkpoint_moves_between_layouts_and_world_sizes(results, name, algorithm):
+    # saved by DDP on 4 processes, resumed here on 2 in another layout
+    for r in scenarios(results, world=2, name=f"resume_{name}", algorithm=algorithm):
         assert r["param_err"] < 1e-10, r
+
+
+@pytest.mark.parametrize("algorithm", ["dion2", "muon"])
+def test_dion2_and_muon_ran_on_every_layout(results, algorithm):
+    """The layout tests above cover these rows too; here: every layout has them, and sharded
+    layouts did send the column norms (the selection was made on complete norms)."""
+    for world, name in LAYOUTS:
+        rows = scenarios(results, world=world, name=name, algorithm=algorithm)
+        assert len(rows) == world
+        if name in ("fsdp", "tp", "hsdp", "fsdp_tp"):
+            assert all(r["measured_elements"].get("norms", 0) > 0 for r in rows), rows
 
 
 def test_checkpoint_loads_in_a_single_process(results):
