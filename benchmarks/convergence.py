@@ -1,4 +1,5 @@
-"""Convergence on character-level Shakespeare: AdamW, Muon and Dion at rank fractions 1 to 1/16.
+"""Convergence on character-level Shakespeare: AdamW, Muon, Dion at rank fractions 1 to 1/16,
+Dion2 at fractions 1/4 and 1/16, and Muon through torchdion.
 
 Every arm trains the same GPT on the same batches (single process, in this process). Each arm
 first sweeps its learning rate on a log grid with seed 0, then reruns its best lr with more seeds.
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parent
 # (name, optimizer, rank fraction)
 ARMS = [("AdamW", "adamw", 1.0), ("Muon", "muon", 1.0), ("Dion r=1", "dion", 1.0),
         ("Dion r=1/2", "dion", 0.5), ("Dion r=1/4", "dion", 0.25), ("Dion r=1/8", "dion", 0.125),
-        ("Dion r=1/16", "dion", 0.0625)]
+        ("Dion r=1/16", "dion", 0.0625), ("Dion2 1/4", "dion2", 0.25),
+        ("Dion2 1/16", "dion2", 0.0625), ("Muon (torchdion)", "muon-torchdion", 1.0)]
 MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
 ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
 
@@ -72,6 +74,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results directory")
     p.add_argument("--runs", default=None, help="directory for the runs' own files")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help=f"the matrix lr grid (default {MATRIX_LRS})")
     p.add_argument("--arms", nargs="+", choices=[name for name, _, _ in ARMS], default=None,
                    help="run only these arms; the others are read from the results directory's "
                         "convergence.json (AdamW's best lr from there sets the element-wise lr)")
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
         base = replace(base, steps=args.steps, warmup=max(1, args.steps // 10),
                        eval_interval=max(1, args.steps // 12))
     seeds = args.seeds or (2 if quick else 3)
-    matrix_lrs = MATRIX_LRS[1:4:2] if quick else MATRIX_LRS
+    matrix_lrs = args.lrs or (MATRIX_LRS[1:4:2] if quick else MATRIX_LRS)
     adamw_lrs = ADAMW_LRS[1:4:2] if quick else ADAMW_LRS
     out = Path(args.out) if args.out else (Path("runs/convergence-quick") if quick
                                            else ROOT / "results")
@@ -156,6 +160,11 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
         "Dion's sketches). AdamW is swept first and its best lr becomes the AdamW lr of the "
         "embeddings, head and norms in the Muon and Dion arms. Muon is torch.optim.Muon "
         "(Newton-Schulz, default lr adjustment); Dion uses the spectral scale sqrt(m/n). "
+        "Dion2 is torchdion's algorithm='dion2' (rank_fraction is its fraction, mu = 0.95 its "
+        "ef_decay, 5 Newton-Schulz steps in fp32, spectral scale); Muon (torchdion) is "
+        "algorithm='muon' set up as torch.optim.Muon is (Nesterov, sqrt(max(1, m/n)), mu 0.95) "
+        "but with its Newton-Schulz in fp32. An arm whose sweep lists fewer lrs ran on a "
+        "reduced grid (--lrs). "
         f"Target loss for 'steps to target' = AdamW's mean final loss, {target:.3f}.", "",
         "| arm | best lr | final val loss (mean ± std) | steps to target (mean) | "
         "lr sweep (lr: final loss, seed 0) |",

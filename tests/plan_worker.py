@@ -93,24 +93,25 @@ def random_grads(model) -> None:
                                      stride=p.stride()) if isinstance(p, DTensor) else g)
 
 
-def compare(name, world, rank, rank_fraction, method, model, opt) -> dict:
+def compare(name, world, rank, rank_fraction, method, model, opt, algorithm="dion") -> dict:
     measured = opt.comm_stats()
     del measured["largest"], measured["largest_matrix_fraction"]
     if name.startswith("moe_"):
         params = params_from_module(dw.MoE(), stacked=["w1", "w2"], tp_dims=MOE_TP_DIMS)
     else:
         params = params_from_module(dw.make_net(), tp_dims=tp_dims())
-    predicted = ledger(dion_collectives(
-        params, parallelism(name, world), DionConfig(rank_fraction, method=method), rank,
-        sync_replicas=name != "ddp_full"))
+    cfg = DionConfig(rank_fraction, method=method, algorithm=algorithm)
+    predicted = ledger(dion_collectives(params, parallelism(name, world), cfg, rank,
+                                        sync_replicas=name != "ddp_full"))
     formula = dw.expected_elements(model, opt, rank_fraction, method, world)
     return dict(name=name, world=world, rank=rank, rank_fraction=rank_fraction, method=method,
-                predicted=predicted, measured=measured, formula=formula)
+                algorithm=algorithm, predicted=predicted, measured=measured, formula=formula)
 
 
-# (world, layouts, rank fraction, method). Cholesky runs only where no rank holds a block with
-# fewer columns than r: with collectives that send nothing, such a rank's P stays rank-deficient,
-# Cholesky QR fails and falls back to the randomized method, making requests a real run would not.
+# (world, layouts, rank fraction, method[, algorithm]). Cholesky runs only where no rank holds a
+# block with fewer columns than r: with collectives that send nothing, such a rank's P stays
+# rank-deficient, Cholesky QR fails and falls back to the randomized method, making requests a
+# real run would not.
 SCENARIOS = [
     (2, ("ddp", "ddp_full", "fsdp", "tp"), 1.0, "randomized"),
     (2, ("ddp", "ddp_full", "fsdp", "tp"), 0.25, "randomized"),
@@ -123,6 +124,10 @@ SCENARIOS = [
     # stacked experts (3, so the splits are uneven) under expert parallelism over FSDP's ranks
     (2, ("moe_fsdp",), 0.5, "randomized"),
     (4, ("moe_fsdp", "moe_hsdp", "moe_fsdp_tp"), 0.5, "randomized"),
+    (2, ("ddp", "ddp_full", "fsdp", "tp"), 0.25, "randomized", "dion2"),
+    (4, ("ddp", "fsdp", "hsdp", "fsdp_tp"), 0.25, "randomized", "dion2"),
+    (4, ("fsdp", "fsdp_tp"), 1.0, "randomized", "muon"),
+    (8, ("hsdp_tp",), 0.0625, "randomized", "dion2"),
 ]
 
 
@@ -135,15 +140,17 @@ def fake(out: str) -> None:
     for world in sorted({w for w, *_ in SCENARIOS}):
         for rank in range(world):
             dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-            for name, rank_fraction, method in [(n, f, m) for w, names, f, m in SCENARIOS
-                                                if w == world for n in names]:
+            for name, rank_fraction, method, algorithm in [
+                    (n, f, m, alg[0] if alg else "dion") for w, names, f, m, *alg in SCENARIOS
+                    if w == world for n in names]:
                 model, kw, _ = builds[name](world, rank)
                 finite_weights(model)
                 opt = (dw.moe_opt(model, **kw) if name.startswith("moe_")  # rank 1/2
-                       else dw.make_opt(model, rank_fraction, method, **kw))
+                       else dw.make_opt(model, rank_fraction, method, algorithm, **kw))
                 random_grads(model)
                 opt.step()
-                results.append(compare(name, world, rank, rank_fraction, method, model, opt))
+                results.append(compare(name, world, rank, rank_fraction, method, model, opt,
+                                       algorithm))
             dist.destroy_process_group()
             # DTensor caches sharding decisions by mesh shape, which outlive the process group
             DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()

@@ -65,6 +65,10 @@ def test_every_layout_and_rank_is_covered(measured):
     assert {("gloo", 2, n) for n in ("ddp", "fsdp", "tp")} <= seen
     ranks = {(r["world"], r["rank"]) for r in measured if r["source"] == "fake"}
     assert ranks == {(w, r) for w in (2, 4, 8) for r in range(w)}
+    # Dion2 and torchdion's Muon too, with their Newton-Schulz Grams over sharded rows
+    fake = [r for r in measured if r["source"] == "fake"]
+    assert {r["algorithm"] for r in fake} == {"dion", "dion2", "muon"}
+    assert any("gram" in r["measured"]["by_kind"] for r in fake if r["algorithm"] == "dion2")
 
 
 def test_predicted_ledger_equals_measured(measured):
@@ -161,8 +165,10 @@ def test_cli_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert out.startswith("| model | GPUs | layout | optimizer |")
     rows = [line for line in out.splitlines() if line.startswith("| gpt2-small")]
-    assert len(rows) == 2 * 3
+    assert len(rows) == 2 * 4  # AdamW, Muon, Dion r=1/4, Dion2 1/4 (the default)
     assert any("Dion r=1/4" in row for row in rows)
+    assert any("Dion2 1/4" in row for row in rows)
+    assert "average the whole gradient" in out
 
 
 def test_cli_takes_shapes_and_a_layout(capsys):

@@ -55,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--rank-fraction", type=float, nargs="+", default=[0.25, 1 / 16])
     how.add_argument("--rank-multiple-of", type=int, default=1)
     how.add_argument("--method", choices=("randomized", "cholesky", "qr"), default="randomized")
+    how.add_argument("--dion2-fraction", type=float, nargs="*", default=[0.25],
+                     help="Dion2 rows for these fractions (its replicas average whole gradients)")
+    how.add_argument("--torchdion-muon", action="store_true",
+                     help="also torchdion's Muon (Newton-Schulz over summed Grams, no gather)")
     ap.add_argument("--plot", metavar="PNG", help=f"also draw the scaling plot "
                     f"({SCALING_GPUS[0]} to {SCALING_GPUS[-1]} GPUs, default layouts)")
     return ap
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         inter_lat=args.inter_lat * 1e-6, flops=args.tflops * 1e12,
         gpu_memory=args.gpu_memory * 1e9, allreduce=args.allreduce)
     dion = [DionConfig(f, args.rank_multiple_of, args.method) for f in args.rank_fraction]
+    dion += [DionConfig(f, args.rank_multiple_of, algorithm="dion2") for f in args.dion2_fraction]
+    if args.torchdion_muon:
+        dion.append(DionConfig(1.0, algorithm="muon"))
     models = {name: PRESETS[name].params() for name in args.model}
     if args.gpt:
         models["custom GPT"] = args.gpt.params()
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPer rank 0 and per optimizer step; payload: bytes handed to collectives; wire: "
           "sent with ring algorithms;\nstep = comm + compute without overlap; state * : "
           "over half of the GPU's memory. (FSDP itself): FSDP's parameter all-gathers\nand "
-          "gradient reduce-scatter, paid with any optimizer and counted in no other row.")
+          "gradient reduce-scatter, paid with any optimizer and counted in no other row.\n"
+          "Dion2 and torchdion's Muon have no compressed data-parallel sync: their replicas "
+          "average the whole gradient.")
     if args.plot:
         plot(models, cluster, dion, args.plot)
         print(f"plot written to {args.plot}")

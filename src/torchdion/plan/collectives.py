@@ -1,7 +1,8 @@
-"""The collectives one rank issues per optimizer step, for AdamW, Muon and Dion.
+"""The collectives one rank issues per optimizer step, for AdamW, Muon, Dion and Dion2.
 
 Dion's list is not written here: :func:`dion_collectives` runs the optimizer's own update
-(:func:`torchdion.update.dion_update`) on shape-only (meta) tensors, per matrix plan, through a
+(:func:`torchdion.update.dion_update`, or :func:`torchdion.dion2.dion2_update` for Dion2 and
+torchdion's Muon) on shape-only (meta) tensors, per matrix plan, through a
 :class:`~torchdion.comm.RecordingComm` that buckets like the real one and records instead of
 sending. Elements are payloads: the tensor an all-reduce is handed, the local shard an
 all-gather is handed.
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..comm import Ledger, RecordingComm
+from ..dion2 import dion2_update
 from ..matrix_plan import MatrixPlan, dion_rank
 from ..orthonormalize import METHODS
 from ..reduce import run_lockstep
@@ -44,24 +46,37 @@ class Collective:
 
 @dataclass(frozen=True)
 class DionConfig:
+    """A torchdion matrix algorithm: "dion", "dion2" (``rank_fraction`` is the fraction of
+    columns selected; ``method`` unused) or "muon" (torchdion's Muon: Dion2 with every column)."""
+
     rank_fraction: float = 0.25
     rank_multiple_of: int = 1
     method: str = "randomized"
     power_iters: int = 1
+    algorithm: str = "dion"
+    ns_steps: int = 5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.algorithm not in ("dion", "dion2", "muon"):
+            raise ValueError(f"algorithm must be 'dion', 'dion2' or 'muon', got "
+                             f"{self.algorithm!r}")
 
     def rank(self, b: int) -> int:
+        """r for Dion; the number of selected columns for Dion2 (every one for Muon)."""
+        if self.algorithm == "muon":
+            return b
         return dion_rank(b, self.rank_fraction, self.rank_multiple_of)
 
     @property
     def label(self) -> str:
+        if self.algorithm == "muon":
+            return "Muon (torchdion)"
         f = self.rank_fraction
         inv = 1 / f
         frac = f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-9 else f"{f:g}"
-        return f"Dion r={frac}"
+        return f"Dion2 {frac}" if self.algorithm == "dion2" else f"Dion r={frac}"
 
 
 def _grad_sync(sizes: dict[int, int]) -> list[Collective]:
@@ -130,7 +145,7 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
     ``sync_replicas``: the optimizer synchronizes the DP replicas itself (``replicate_group``,
     gradients not synchronized by DDP); False: gradients arrive averaged and Dion sends nothing
     over DP. Each matrix's plan (:func:`torchdion.matrix_plan.plan_matrix`) decides whether its
-    factors or its gradient cross the replicas.
+    factors or its gradient cross the replicas; Dion2's and Muon's always send the gradient.
     """
     coords = par.coords(rank)
     comm = RecordingComm({axis: par.size(axis) for axis in AXES})
@@ -144,7 +159,7 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
             continue
         plan = matrix_plan(p, par, coords, rank_fraction=cfg.rank_fraction,
                            rank_multiple_of=cfg.rank_multiple_of, method=cfg.method,
-                           sync_replicas=sync_replicas)
+                           sync_replicas=sync_replicas, algorithm=cfg.algorithm)
         if plan.replica_sync == "gradient":
             whole.append(_meta(local, p.itemsize))
         compute = 8 if p.itemsize == 8 else 4  # the math runs in fp32, fp64 for fp64
@@ -152,12 +167,16 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
     gens, plans = [], []
     for (plan, compute), count in batches.items():
         B = _meta((count, *plan.local_batch, *plan.local_shape), compute)
+        plans.append(plan)
+        if plan.algorithm != "dion":  # Dion2 / Muon (never stacked: plan_matrix refuses it)
+            gens.append(dion2_update(B, None, k=plan.rank, b=plan.b, cols=plan.cols, mu=0.0,
+                                     ns_steps=cfg.ns_steps, eps=0.0))
+            continue
         Q = _meta((count, *plan.local_batch, *plan.q_shape), compute)
         sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
             else None
         gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,
                                 power_iters=cfg.power_iters))
-        plans.append(plan)
     if syncs:
         comm.start_mean(whole, "dp", "grad")  # the optimizer's one bucketed gradient average
     run_lockstep(gens, plans, comm.complete)

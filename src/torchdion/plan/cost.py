@@ -112,16 +112,27 @@ def orthonormalize_flops(a_loc: int, r: int, k: int, method: str) -> float:
     return 2 * k * a_loc * r + 2 * k * r * r + a_loc * r * r + cholesky
 
 
+def newton_schulz_flops(a_loc: int, k: int, steps: int) -> float:
+    """Newton-Schulz on an (a_loc, k) block: per step the Gram 2 a k^2, the polynomial
+    b S + c S^2 2 k^3 and the product U (...) 2 a k^2."""
+    return steps * (4 * a_loc * k * k + 2 * k ** 3)
+
+
 def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int = 0) -> float:
     """8 a b r per matrix over the local block (B Q, B^T P, the error feedback P R^T, the update
-    P Q^T; B Q and B^T P again per extra power iteration), plus orthonormalization."""
+    P Q^T; B Q and B^T P again per extra power iteration), plus orthonormalization. Dion2 and
+    Muon: Newton-Schulz on the selected (a_loc, k) columns (the rest is element-wise)."""
     coords = par.coords(rank)
     flops = _elementwise(params, par, coords, matrices=False)
     for p in params:
         if p.matrix:
             plan = matrix_plan(p, par, coords, rank_fraction=cfg.rank_fraction,
-                               rank_multiple_of=cfg.rank_multiple_of, method=cfg.method)
+                               rank_multiple_of=cfg.rank_multiple_of, method=cfg.method,
+                               algorithm=cfg.algorithm)
             (a_loc, b_loc), r = plan.local_shape, plan.rank
+            if plan.algorithm != "dion":
+                flops += newton_schulz_flops(a_loc, r, cfg.ns_steps)
+                continue
             count = math.prod(plan.local_batch)  # the matrices of a stack held here
             flops += count * (4 + 4 * cfg.power_iters) * a_loc * b_loc * r
             flops += count * cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,

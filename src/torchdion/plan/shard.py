@@ -125,7 +125,7 @@ def shards(p: Param, par: Parallelism, coords: dict[str, int]) -> tuple[DimShard
 
 def matrix_plan(p: Param, par: Parallelism, coords: dict[str, int], *, rank_fraction: float,
                 rank_multiple_of: int = 1, method: str = "randomized",
-                sync_replicas: bool = True) -> MatrixPlan:
+                sync_replicas: bool = True, algorithm: str = "dion") -> MatrixPlan:
     """The optimizer's plan of matrix ``p`` on the rank at ``coords``; the replicas are the
     "dp" axis when the optimizer synchronizes them itself."""
     syncs = sync_replicas and par.dp > 1
@@ -133,4 +133,4 @@ def matrix_plan(p: Param, par: Parallelism, coords: dict[str, int], *, rank_frac
                        flatten=len(p.shape) > 2 and not p.stacked, stacked=p.stacked,
                        rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
                        orthonormalize=method, replicas="dp" if syncs else None,
-                       replicas_size=par.dp, name=p.name)
+                       replicas_size=par.dp, name=p.name, algorithm=algorithm)

@@ -14,8 +14,11 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-OPTIMIZERS = ("dion", "muon", "adamw", "adamw-powersgd")
-DEFAULT_LR = {"dion": 0.02, "muon": 0.02, "adamw": 3e-3, "adamw-powersgd": 3e-3}
+# torchdion.Dion with the hidden matrices in a group of Dion, Dion2, or torchdion's Muon
+TORCHDION = ("dion", "dion2", "muon-torchdion")
+OPTIMIZERS = (*TORCHDION, "muon", "adamw", "adamw-powersgd")
+DEFAULT_LR = {"dion": 0.02, "dion2": 0.02, "muon-torchdion": 0.02, "muon": 0.02, "adamw": 3e-3,
+              "adamw-powersgd": 3e-3}
 PARALLEL = ("ddp", "fsdp", "tp", "fsdp-tp", "hsdp", "ep")
 DECAYS = ("cosine", "linear", "none")
 DION_SYNCS = ("compressed", "ddp")
@@ -158,9 +161,10 @@ def _check_layout(cfg: TrainConfig, world: int) -> None:
     if p in ("tp", "fsdp-tp") and cfg.moe:
         raise NotImplementedError(f"--parallel {p} splits the dense MLP's matrices; with --moe "
                                   "use ddp, fsdp, hsdp or ep")
-    if p != "ddp" and cfg.optimizer not in ("dion", "adamw"):
+    if p != "ddp" and cfg.optimizer not in (*TORCHDION, "adamw"):
         raise NotImplementedError(
-            f"--parallel {p} runs --optimizer dion or adamw, not {cfg.optimizer} "
+            f"--parallel {p} runs --optimizer {', '.join(TORCHDION)} or adamw, not "
+            f"{cfg.optimizer} "
             "(torch.optim.Muon does not take sharded parameters; PowerSGD is a DDP hook)")
     tp = cfg.tensor_parallel(world)
     if cfg.n_head % tp:

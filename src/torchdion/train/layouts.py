@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..parallel import fsdp_beside_tp
-from .config import TrainConfig
+from .config import TORCHDION, TrainConfig
 
 
 def apply(model, cfg: TrainConfig, rank: int, world: int, device):
@@ -33,7 +33,7 @@ def shard(model, cfg: TrainConfig, world: int, device):
         mesh = init_mesh(device, (world,))
     else:
         mesh = init_mesh(device, (2, world // 2), ("replicate", "shard"))
-        if cfg.optimizer == "dion":
+        if cfg.optimizer in TORCHDION:
             mesh, replicate = mesh["shard"], mesh["replicate"]
     for blk in model.blocks:
         fully_shard(blk, mesh=mesh)

@@ -18,7 +18,12 @@ from torch import nn
 import torchdion
 from torchdion.plan import powersgd_elements
 
-from .config import OPTIMIZERS
+from .config import OPTIMIZERS, TORCHDION
+
+# The hidden matrices' group for each torchdion kind; "muon-torchdion" is set up as
+# torch.optim.Muon ("muon") is: Nesterov and sqrt(max(1, m / n)).
+MATRIX_GROUP = {"dion": {"algorithm": "dion"}, "dion2": {"algorithm": "dion2"},
+                "muon-torchdion": {"algorithm": "muon", "nesterov": True, "lr_scale": "muon"}}
 
 BETAS = (0.9, 0.95)
 
@@ -99,7 +104,7 @@ def sync_mode(kind: str, parallel: str, world: int, dion_sync: str = "compressed
         return SyncMode(parallel)
     if world == 1:
         return SyncMode.NONE
-    if kind == "dion" and dion_sync == "compressed":
+    if kind in TORCHDION and dion_sync == "compressed":
         return SyncMode.DION_COMPRESSED
     return SyncMode.DDP_POWERSGD if kind == "adamw-powersgd" else SyncMode.DDP
 
@@ -120,9 +125,10 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
     full = 4 * sum(p.numel() for p in params)
     sync = sync_mode(kind, parallel, world, dion_sync)
     opts: list[torch.optim.Optimizer]
-    if kind == "dion":
+    if kind in TORCHDION:
         groups = torchdion.param_groups(
-            model, head=head, dion=dict(rank_fraction=rank_fraction), stacked="*.moe.w_*",
+            model, head=head, dion=dict(rank_fraction=rank_fraction, **MATRIX_GROUP[kind]),
+            stacked="*.moe.w_*",
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
         if sync == SyncMode.DION_COMPRESSED:
             import torch.distributed as dist

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TORCHDION
 from .optim import SyncMode
 
 # Who sends the bytes the trainer counts, by sync mode (optim.Setup.step_bytes counts them).
@@ -33,7 +34,7 @@ def _mb(n: float) -> str:
 
 def summary_rows(s: dict) -> list[tuple[str, str]]:
     """The summary table: the settings that shaped the run, then what it did."""
-    matrices = s["optimizer"] in ("dion", "muon")
+    matrices = s["optimizer"] in (*TORCHDION, "muon")
     lr = (f"{s['lr']:g} (hidden matrices), {s['adam_lr']:g} (embeddings, head, norms)"
           if matrices else f"{s['lr']:g}")
     procs = f"{s['world']} process" + ("es" if s["world"] > 1 else "")
@@ -41,7 +42,7 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
     if s["steps_done"] < s["steps_planned"]:
         steps += " (stopped early; --resume continues)"
     rows = [("optimizer", s["optimizer"]), ("learning rate (peak)", lr)]
-    if s["optimizer"] in ("dion", "adamw-powersgd"):
+    if s["optimizer"] in ("dion", "dion2", "adamw-powersgd"):
         rows.append(("rank fraction", f"{s['rank_fraction']:g}"))
     rows += [
         ("layout", f"{s['parallel']}, {procs}, sync: {s['sync']}"),
