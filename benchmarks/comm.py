@@ -19,6 +19,10 @@ Arms, each stepped in W processes over gloo with a file store:
   optimizer's own collectives; FSDP's parameter all-gathers and gradient reduce-scatters are
   measured separately, being the same for any optimizer.
 - Muon with Newton-Schulz under FSDP: every rank all-gathers every full matrix (computed).
+- Dion2 at fraction 1/4 (algorithm="dion2"): under replicate_group (whose replicas average the
+  whole gradient: Dion2 has no factors to send instead) and under FSDP2 (the column norms, the
+  selected columns, and one Gram per Newton-Schulz step). torchdion's Muon under FSDP2 is the
+  planner's prediction only (its Newton-Schulz on 768-wide blocks takes minutes per step here).
 
 Every torch.distributed collective issued in a measured step is counted by wrapping the
 torch.distributed functions; for Dion the optimizer's ledger (opt.comm_stats()) must agree with
@@ -75,6 +79,7 @@ CONTEXT = 1024
 BLOCK_SHAPES = ((3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (4 * HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN))
 DION_FRACTIONS = (1 / 4, 1 / 16)
 FSDP_FRACTION = 1 / 4
+DION2_FRACTION = 1 / 4
 POWERSGD_START = 2  # the smallest start_powerSGD_iter torch allows with error feedback
 MB = 1e6
 
@@ -232,11 +237,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ formulas
 
 def dion_prediction(model: nn.Module, fraction: float, par: Parallelism,
-                    rank: int) -> dict[str, int]:
+                    rank: int, algorithm: str = "dion") -> dict[str, int]:
     """Elements one rank's ledger records per step, by kind, as torchdion.plan predicts them:
     the optimizer's own update run on shapes through a recording comm (model unsharded)."""
-    predicted = ledger(dion_collectives(params_from_module(model), par, DionConfig(fraction),
-                                        rank))
+    cfg = DionConfig(fraction, algorithm=algorithm)
+    predicted = ledger(dion_collectives(params_from_module(model), par, cfg, rank))
     return {kind: v["elements"] for kind, v in predicted["by_kind"].items()}
 
 
@@ -328,32 +333,32 @@ def arm_ddp_powersgd(layers, world, rank, counter, matched_rank, quick,
                 formula=powersgd_elements(_shapes(model), matched_rank, min_compression_rate))
 
 
-def _dion(model, fraction, **kw):
+def _dion(model, fraction, algorithm="dion", **kw):
     import torchdion
 
-    groups = torchdion.param_groups(model, dion=dict(rank_fraction=fraction))
+    groups = torchdion.param_groups(model, dion=dict(rank_fraction=fraction, algorithm=algorithm))
     return torchdion.Dion(groups, lr=0.01, weight_decay=0.01, **kw)
 
 
-def arm_dion_ddp(layers, world, rank, counter, fraction):
+def arm_dion_ddp(layers, world, rank, counter, fraction, algorithm="dion"):
     model = make_model(layers)
-    opt = _dion(model, fraction, replicate_group=dist.group.WORLD)
+    opt = _dion(model, fraction, algorithm, replicate_group=dist.group.WORLD)
     steps = _train_steps(model, opt, counter, rank, 2)
     return dict(steps=steps, measured=steps[-1]["opt"], ledger=steps[-1]["ledger"],
-                formula=dion_prediction(model, fraction, Parallelism(dp=world), rank))
+                formula=dion_prediction(model, fraction, Parallelism(dp=world), rank, algorithm))
 
 
-def arm_dion_fsdp(layers, world, rank, counter, fraction):
+def arm_dion_fsdp(layers, world, rank, counter, fraction, algorithm="dion"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     model = make_model(layers)
-    formula = dion_prediction(model, fraction, Parallelism(fsdp=world), rank)
+    formula = dion_prediction(model, fraction, Parallelism(fsdp=world), rank, algorithm)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = _dion(model, fraction)
+    opt = _dion(model, fraction, algorithm)
     steps = _train_steps(model, opt, counter, rank, 2)
     return dict(steps=steps, measured=steps[-1]["opt"], ledger=steps[-1]["ledger"],
                 fsdp_own=steps[-1]["fwd_bwd"],
@@ -371,6 +376,10 @@ def worker(rank: int, world: int, layers: int, store: str, out: str, quick: bool
     arms += [(f"dion_ddp_{f}", lambda f=f: arm_dion_ddp(layers, world, rank, counter, f))
              for f in DION_FRACTIONS]
     arms += [("dion_fsdp", lambda: arm_dion_fsdp(layers, world, rank, counter, FSDP_FRACTION))]
+    arms += [("dion2_ddp", lambda: arm_dion_ddp(layers, world, rank, counter, DION2_FRACTION,
+                                                "dion2")),
+             ("dion2_fsdp", lambda: arm_dion_fsdp(layers, world, rank, counter, DION2_FRACTION,
+                                                  "dion2"))]
     results = {}
     for name, run in arms:
         print(f"rank {rank}: {name}", file=sys.stderr, flush=True)
@@ -424,7 +433,8 @@ def check(ranks: list[dict[str, Any]], world: int) -> list[str]:
         got = {k.split(":")[1]: v["elements"] for k, v in psgd["measured"]["by_kind"].items()}
         if got != {k: v for k, v in psgd["formula"].items()}:
             bad.append(f"rank {rank} PowerSGD: measured {got} != rule {psgd['formula']}")
-        for name in [f"dion_ddp_{f}" for f in DION_FRACTIONS] + ["dion_fsdp"]:
+        for name in [f"dion_ddp_{f}" for f in DION_FRACTIONS] + ["dion_fsdp", "dion2_ddp",
+                                                                  "dion2_fsdp"]:
             arm = res[name]
             ledger = {k: v["elements"] for k, v in arm["ledger"]["by_kind"].items()}
             if ledger != arm["formula"]:
@@ -478,6 +488,12 @@ equals the collectives counted by wrapping torch.distributed.
   all-gathers every matrix's momentum (payload: its shard, m n / W), then runs Newton-Schulz on
   all of them redundantly (a variant that splits the matrices across ranks instead would add a
   scatter of the results).
+- Dion2 1/4 (k = 192 of 768 columns): under replicate_group every replica sends its whole
+  gradient (the DDP bytes, through the optimizer's own bucketed all-reduce). Under FSDP2, per
+  matrix: the 768 L1 column norms over the split axis; for the row-split c_attn, attn c_proj and
+  c_fc five Newton-Schulz Grams k^2; for the column-split mlp c_proj the selected columns
+  (a_loc k, zero-padded and summed: each rank adds its own). torchdion's Muon is the same at
+  k = b (the planner's prediction): its Grams (5 b^2) outweigh gathering a square matrix.
 - FSDP2's own traffic: measured in the same FSDP2 run; parameter all-gathers (forward, and again
   in backward for the blocks, as reshard_after_forward defaults to True) and gradient
   reduce-scatters, the same whatever the optimizer.
@@ -528,6 +544,23 @@ def table(ranks: list[dict[str, Any]], world: int, layers: int) -> str:
     row("FSDP2 + Muon (Newton-Schulz): optimizer only", "computed from shapes",
         mu["collectives"], mu["bytes"], mu["ring_bytes"], "-",
         f"all-gather of every matrix: {_mb(mu['full_bytes'])} received-and-held per rank")
+    d = res["dion2_ddp"]
+    led = d["ledger"]
+    row("Dion2 1/4, replicate_group (DDP)", "opt.comm_stats()", led["collectives"], led["bytes"],
+        led["bytes"] * fac, _mb(sum(d["formula"].values()) * 4),
+        "whole gradients: Dion2 has no compressed replica sync")
+    d = res["dion2_fsdp"]
+    led = d["ledger"]
+    kinds = ", ".join(f"{k} {_mb(v['bytes'])}" for k, v in led["by_kind"].items())
+    row("FSDP2 + Dion2 1/4: optimizer only", "opt.comm_stats()", led["collectives"],
+        led["bytes"], led["bytes"] * fac, _mb(sum(d["formula"].values()) * 4),
+        f"{kinds}; {led['bytes'] * fac / mu['ring_bytes']:.3f} x the Muon gather")
+    with torch.device("meta"):
+        shapes_model = GPT2Shapes(layers)
+    tm = sum(dion_prediction(shapes_model, 1.0, Parallelism(fsdp=world), 0, "muon").values()) * 4
+    row("FSDP2 + torchdion Muon: optimizer only", "torchdion.plan (not run)", "-", tm, tm * fac,
+        _mb(tm), f"{tm * fac / mu['ring_bytes']:.3f} x the Muon gather: 5 Grams of b x b beat a "
+        "gather only for tall matrices")
     own = d["fsdp_own"]
     kinds = ", ".join(f"{k.split(':')[0]} {_mb(v['bytes'])} in {v['collectives']}"
                       for k, v in own["by_kind"].items())
@@ -597,7 +630,8 @@ def main() -> None:
                                  + "\n\n".join(sections) + "\n\n" + NOTES)
     if failures:
         sys.exit("measured != formula:\n" + "\n".join(failures))
-    print("every Dion ledger equals the planner's prediction and the counted collectives")
+    print("every Dion ledger equals the planner's prediction and the counted collectives "
+          "(Dion2's too)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Optimizer-step time on the hidden matrices of GPT-2 small (124M), against peers in one process.
 
-Every arm (Dion at several rank fractions, torch.optim.Muon, a Newton-Schulz Muon in fp32 written
-here, torch.optim.AdamW) owns a copy of the same weights and reads the same fixed gradients. The
-arms are stepped round-robin, one step each per repetition, so load from other processes lands on
-all of them alike; the table reports medians.
+Every arm (Dion at several rank fractions, Dion2 at 1/4 and 1/16, torchdion's Muon,
+torch.optim.Muon, a Newton-Schulz Muon in fp32 written here, torch.optim.AdamW) owns a copy of
+the same weights and reads the same fixed gradients. The arms are stepped round-robin, one step
+each per repetition, so load from other processes lands on all of them alike; the table reports
+medians.
 
 The floor of a Dion step is its matmul work, 8 m n r FLOPs per matrix (B Q, B^T P, the error
 feedback P R^T and the update P Q^T), at the fp32 rate measured in the same run on batched
@@ -35,6 +36,7 @@ import torchdion
 # (out, in) of the four matrices of one GPT-2 small block: c_attn, c_proj, c_fc, mlp c_proj.
 BLOCK_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
 RANK_FRACTIONS = (1.0, 0.25, 1 / 16)
+DION2_FRACTIONS = (0.25, 1 / 16)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -218,6 +220,15 @@ def main(argv: list[str] | None = None) -> None:
             arms[_dion_name(f) + " TF32"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
                                                           rank_fraction=f)
             tf32_arms.add(_dion_name(f) + " TF32")
+    for f in DION2_FRACTIONS:
+        arms[f"Dion2 1/{round(1 / f)}"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
+                                                         rank_fraction=f, algorithm="dion2")
+    arms["torchdion Muon (fp32 NS)"] = torchdion.Dion(
+        make_params(weights, grads), lr=0.02, algorithm="muon", nesterov=True, lr_scale="muon")
+    if not args.no_bf16:  # Newton-Schulz's products in bf16, as torch.optim.Muon's
+        arms["torchdion Muon (bf16 NS)"] = torchdion.Dion(
+            make_params(weights, grads), lr=0.02, algorithm="muon", nesterov=True,
+            lr_scale="muon", matmul_dtype=torch.bfloat16)
     # Muon as shipped runs its Newton-Schulz iteration in bf16.
     arms["torch.optim.Muon (bf16 NS)"] = torch.optim.Muon(make_params(weights, grads), lr=0.02)
     if not args.no_fp32_muon:
