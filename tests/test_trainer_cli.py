@@ -53,7 +53,8 @@ BAD = {  # option values that used to fail late (in the workers) or not at all, 
     "min_lr_ratio": (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be a number in [0, 1]"),
     "batch_split": (["--batch", "7"], "--batch 7 must be divisible by the 2 processes"),
     "hsdp_on_2": (["--parallel", "hsdp"], "--parallel hsdp needs an even number of processes"),
-    "muon_sharded": (["--parallel", "fsdp", "--optimizer", "muon"], "runs --optimizer dion or"),
+    "muon_sharded": (["--parallel", "fsdp", "--optimizer", "muon"],
+                     "runs --optimizer dion, dion2, muon-torchdion or adamw"),
     "resume_and_overwrite": (["--resume", "--overwrite"], "give one of them"),
 }
 
