@@ -94,17 +94,18 @@ class Dion2Step:
     ok: Tensor
     mu: float
 
-    def _mine(self, i: int) -> tuple[Tensor, Tensor]:
+    def _mine(self, i: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
         own = self.own[i]
         return self.local[i][own], own
 
-    def write_momentum(self, i: int, out: Tensor) -> None:
+    def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
         """out = B[i] with its selected columns times mu, for ``out`` a canonical view."""
         cols, _ = self._mine(i)
         out.copy_(self.B[i])
         out.index_copy_(-1, cols, (self.mu * self.B[i][:, cols]).to(out.dtype))
 
-    def apply_update(self, i: int, A: Tensor, alpha: float, decay: float) -> None:
+    def apply_update(self, i: int | tuple[int, ...], A: Tensor, alpha: float,
+                     decay: float) -> None:
         """A = decay * A, then A[:, J] += alpha * U on this rank's selected columns, in place."""
         cols, own = self._mine(i)
         if decay != 1:

@@ -22,8 +22,9 @@ from .config import OPTIMIZERS, TORCHDION
 
 # The hidden matrices' group for each torchdion kind; "muon-torchdion" is set up as
 # torch.optim.Muon ("muon") is: Nesterov and sqrt(max(1, m / n)).
-MATRIX_GROUP = {"dion": {"algorithm": "dion"}, "dion2": {"algorithm": "dion2"},
-                "muon-torchdion": {"algorithm": "muon", "nesterov": True, "lr_scale": "muon"}}
+MATRIX_GROUP: dict[str, dict[str, Any]] = {
+    "dion": {"algorithm": "dion"}, "dion2": {"algorithm": "dion2"},
+    "muon-torchdion": {"algorithm": "muon", "nesterov": True, "lr_scale": "muon"}}
 
 BETAS = (0.9, 0.95)
 
