@@ -308,3 +308,17 @@ def test_stacked_dion2_is_refused_naming_the_parameter():
     p = torch.nn.Parameter(torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match="stacked=True is implemented for algorithm='dion' only"):
         torchdion.Dion([{"params": [p], "algorithm": "dion2", "stacked": True}])
+def test_matmul_dtype_bf16_runs_newton_schulz_products_in_bf16():
+    """matmul_dtype=bf16: the weights move as in fp32 to bf16's precision, not bitwise."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(48, 20, generator=gen)
+    ps = [torch.nn.Parameter(X.clone()) for _ in range(2)]
+    opts = [torchdion.Dion([p], lr=0.05, algorithm="dion2", rank_fraction=0.5, matmul_dtype=dt)
+            for p, dt in zip(ps, (None, torch.bfloat16))]
+    for _ in range(2):
+        G = torch.randn(48, 20, generator=gen)
+        for p, opt in zip(ps, opts):
+            p.grad = G.clone()
+            opt.step()
+    assert ps[1].dtype == torch.float32
+    assert 1e-6 < rel_err(ps[1] - X, ps[0] - X) < 3e-2
