@@ -146,7 +146,7 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
         config=asdict(base), seeds=seeds, target=target, unigram=unigram, arms=results),
         indent=1))
     lines = [
-        "# Convergence: AdamW, Muon, Dion on character-level Shakespeare", "",
+        "# Convergence: AdamW, Muon, Dion and Dion2 on character-level Shakespeare", "",
         f"Command: `{command}` ({elapsed / 60:.1f} min of training in all arms on the shared "
         f"2-core CPU, one process, {torch.get_num_threads()} thread).", "",
         f"Model: GPT, {base.n_layer} layers, d_model {base.d_model}, {base.n_head} heads, "
