@@ -38,6 +38,7 @@ from .validation import (
     check,
     check_framework_flags,
     check_group_keys,
+    check_scalars_fit,
     parameter_name,
     parameter_names,
     validate_hyperparameters,
@@ -400,7 +401,7 @@ class Dion(Optimizer):
                 if group["algorithm"] in MATRIX_ALGORITHMS:
                     plan = self.plan(p, group)
                     scale = lr_scale_factor(group["lr_scale"], plan.m, plan.n)
-                _check_scalars_fit(lr, scale, group["weight_decay"], p, where, self._name)
+                check_scalars_fit(lr, scale, group["weight_decay"], p, where, self._name)
 
     # ----------------------------------------------------------------- the step
 
@@ -601,12 +602,3 @@ class Dion(Optimizer):
             for targets, values in new:
                 masked_copy_(targets[i], values[i], ok[i])
 
-
-def _check_scalars_fit(lr: float, scale: float, weight_decay: float, p: Tensor, where: str,
-                       name_of: Callable[[Tensor], str]) -> None:
-    """The step's scalars (lr times the update's scale, lr times weight decay) must be finite in
-    the dtype the step computes in; a huge but finite lr would otherwise fail mid-write."""
-    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-    if max(lr * scale, lr * weight_decay) > torch.finfo(compute).max:
-        raise ValueError(f"{where}lr={lr!r} overflows {compute} in the update of parameter "
-                         f"{name_of(p)}")

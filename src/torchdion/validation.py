@@ -149,3 +149,13 @@ def parameter_names(param_groups: list[dict[str, Any]]) -> list[str]:
             else:
                 out.append(f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})")
     return out
+
+
+def check_scalars_fit(lr: float, scale: float, weight_decay: float, p: Tensor, where: str,
+                      name_of: Callable[[Tensor], str]) -> None:
+    """The step's scalars (lr times the update's scale, lr times weight decay) must be finite in
+    the dtype the step computes in; a huge but finite lr would otherwise fail mid-write."""
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if max(lr * scale, lr * weight_decay) > torch.finfo(compute).max:
+        raise ValueError(f"{where}lr={lr!r} overflows {compute} in the update of parameter "
+                         f"{name_of(p)}")
