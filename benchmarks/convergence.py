@@ -10,6 +10,10 @@ update the hidden matrices.
     python benchmarks/convergence.py            # the full run, writes benchmarks/results/
     python benchmarks/convergence.py --quick    # about a minute, writes runs/convergence-quick/
     python benchmarks/convergence.py --arms "Dion r=1/16"   # rerun one arm, keep the others
+
+Arms named "Dion r=<rank> <variant>" run Dion with one of the VARIANTS' options (issue 15's
+candidates); a run already in --runs with the same settings is reused, so arms can be added and
+sweeps extended one at a time, and --cached-only reports what has run without training.
 """
 
 from __future__ import annotations
@@ -30,11 +34,25 @@ from torchdion.train import TrainConfig, train
 from torchdion.train.data import load_data
 
 ROOT = Path(__file__).resolve().parent
-# (name, optimizer, rank fraction)
-ARMS = [("AdamW", "adamw", 1.0), ("Muon", "muon", 1.0), ("Dion r=1", "dion", 1.0),
-        ("Dion r=1/2", "dion", 0.5), ("Dion r=1/4", "dion", 0.25), ("Dion r=1/8", "dion", 0.125),
-        ("Dion r=1/16", "dion", 0.0625), ("Dion2 1/4", "dion2", 0.25),
-        ("Dion2 1/16", "dion2", 0.0625), ("Muon (torchdion)", "muon-torchdion", 1.0)]
+RANKS = {"1": 1.0, "1/2": 0.5, "1/4": 0.25, "1/8": 0.125, "1/16": 0.0625}
+# Dion's options (issue 15's candidates), each an arm at ranks 1, 1/4 and 1/16
+VARIANTS = {
+    "nesterov": dict(nesterov=True),
+    "polar": dict(polar_q=True),
+    "muon scale": dict(lr_scale="muon"),
+    "nesterov+polar+muon scale": dict(nesterov=True, polar_q=True, lr_scale="muon"),
+    "tol 0.1": dict(direction_tol=0.1),
+    "nesterov+muon scale": dict(nesterov=True, lr_scale="muon"),
+    "nesterov+polar": dict(nesterov=True, polar_q=True),
+}
+# (name, optimizer, rank fraction, Dion options)
+ARMS = [("AdamW", "adamw", 1.0, {}), ("Muon", "muon", 1.0, {})]
+ARMS += [(f"Dion r={k}", "dion", rf, {}) for k, rf in RANKS.items()]
+ARMS += [("Dion2 1/4", "dion2", 0.25, {}), ("Dion2 1/16", "dion2", 0.0625, {}),
+         ("Muon (torchdion)", "muon-torchdion", 1.0, {})]
+ARMS += [(f"Dion r={k} {v}", "dion", RANKS[k], opts) for v, opts in VARIANTS.items()
+         for k in ("1", "1/4", "1/16")]
+BASELINE = [name for name, _, _, opts in ARMS if not opts]  # what a run without --arms runs
 MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
 ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
 
@@ -49,13 +67,27 @@ def base_config(quick: bool) -> TrainConfig:
                        progress=False, plots=False)
 
 
-def run_one(cfg: TrainConfig) -> dict:
-    s = train(cfg)
+def run_one(cfg: TrainConfig, cached_only: bool = False) -> dict | None:
+    """Train one run, or reuse its result when its directory holds one of the same config.
+    ``cached_only``: None instead of training."""
+    done = Path(cfg.out) / "result.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        # a setting the saved config lacks (added to TrainConfig since) had its default then;
+        # the directory is the run's, wherever --runs put it
+        now, default = (json.loads(json.dumps(asdict(c))) for c in (cfg, TrainConfig()))
+        if all(saved["config"].get(k, default[k]) == v for k, v in now.items() if k != "out"):
+            return saved["result"]
+    if cached_only:
+        return None
+    s = train(replace(cfg, overwrite=True))  # a run killed before its result is redone
     evals = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text()
              .splitlines()]
     evals = [(r["step"], r["val_loss"]) for r in evals if r["kind"] == "eval"]
-    return dict(lr=cfg.resolved_lr(), seed=cfg.seed, val_loss=s["val_loss"], curve=evals,
-                train_time=s["train_time"], unigram=s["unigram_loss"])
+    result = dict(lr=cfg.resolved_lr(), seed=cfg.seed, val_loss=s["val_loss"], curve=evals,
+                  train_time=s["train_time"], unigram=s["unigram_loss"])
+    done.write_text(json.dumps(dict(config=asdict(cfg), result=result)))
+    return result
 
 
 def steps_to(curve: list, target: float) -> float:
@@ -74,9 +106,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results directory")
     p.add_argument("--runs", default=None, help="directory for the runs' own files")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: report the runs already in --runs (lrs and seeds "
+                        "without a run are left out)")
+    p.add_argument("--adam-lr", type=float, default=None,
+                   help="AdamW lr of the embeddings, head and norms in the Muon and Dion arms "
+                        "(default: AdamW's best lr in the results directory)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help=f"the matrix lr grid (default {MATRIX_LRS})")
-    p.add_argument("--arms", nargs="+", choices=[name for name, _, _ in ARMS], default=None,
+    p.add_argument("--arms", nargs="+", choices=[name for name, *_ in ARMS], default=None,
                    help="run only these arms; the others are read from the results directory's "
                         "convergence.json (AdamW's best lr from there sets the element-wise lr)")
     args = p.parse_args(argv)
@@ -99,38 +137,51 @@ def main(argv=None) -> None:
 
     results = {}
     adam_lr = base.adam_lr
-    if args.arms:
+    chosen = args.arms or BASELINE
+    if args.arms and (out / "convergence.json").exists():
         earlier = json.loads((out / "convergence.json").read_text())["arms"]
         results = {n: a for n, a in earlier.items() if n not in args.arms}
         adam_lr = earlier["AdamW"]["best_lr"] if "AdamW" in results else adam_lr
-    for name, kind, rf in ARMS:
-        if name in results:
+    adam_lr = args.adam_lr or adam_lr
+    for name, kind, rf, opts in sorted(ARMS, key=lambda arm: chosen.index(arm[0])
+                                       if arm[0] in chosen else len(chosen)):
+        if name in results or name not in chosen:  # in the order asked for
             continue
         lrs = adamw_lrs if kind == "adamw" else matrix_lrs
-        arm = replace(base, optimizer=kind, rank_fraction=rf, adam_lr=adam_lr)
-        tag = name.replace(" ", "").replace("/", "_").replace("=", "")
+        arm = replace(base, optimizer=kind, rank_fraction=rf, adam_lr=adam_lr,
+                      dion_options=dict(opts))
+        tag = name.replace(" ", "").replace("/", "_").replace("=", "").replace("+", "_")
         sweep = []
         for lr in lrs:
-            sweep.append(run_one(replace(arm, lr=lr, seed=0, out=str(runs / tag / f"lr{lr}_s0"))))
+            run = run_one(replace(arm, lr=lr, seed=0, out=str(runs / tag / f"lr{lr}_s0")),
+                          args.cached_only)
+            if run is None:
+                continue
+            sweep.append(run)
             print(f"[{time.time() - started:6.0f}s] {name} lr {lr:g}: "
                   f"val {sweep[-1]['val_loss']:.4f}", flush=True)
+        if not sweep:
+            continue
         best = min(sweep, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else 1e9)
         seeded = [best] + [
             run_one(replace(arm, lr=best["lr"], seed=s,
-                            out=str(runs / tag / f"lr{best['lr']}_s{s}")))
+                            out=str(runs / tag / f"lr{best['lr']}_s{s}")), args.cached_only)
             for s in range(1, seeds)]
+        seeded = [r for r in seeded if r is not None]
         finals = [r["val_loss"] for r in seeded]
         print(f"[{time.time() - started:6.0f}s] {name}: best lr {best['lr']:g}, "
               f"val {statistics.mean(finals):.4f} over {seeds} seeds", flush=True)
-        results[name] = dict(optimizer=kind, rank_fraction=rf, sweep=sweep, seeds=seeded,
+        results[name] = dict(optimizer=kind, rank_fraction=rf, options=opts, sweep=sweep,
+                             seeds=seeded,
                              best_lr=best["lr"], adam_lr=adam_lr if kind != "adamw" else None,
-                             at_edge=best["lr"] in (lrs[0], lrs[-1]))
+                             at_edge=best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"]))
         if kind == "adamw":
             adam_lr = best["lr"]
 
-    results = {name: results[name] for name, _, _ in ARMS if name in results}
+    results = {name: results[name] for name, *_ in ARMS if name in results}
     # The target is AdamW's mean final loss: how soon each arm reaches what AdamW ends at.
-    target = statistics.mean(r["val_loss"] for r in results["AdamW"]["seeds"])
+    target = (statistics.mean(r["val_loss"] for r in results["AdamW"]["seeds"])
+              if "AdamW" in results else math.nan)
     for a in results.values():
         a["steps_to_target"] = [steps_to(r["curve"], target) for r in a["seeds"]]
     elapsed = sum(r["train_time"] for a in results.values() for r in a["sweep"] + a["seeds"][1:])
@@ -179,8 +230,9 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
             reach += f" ({len(st)}/{len(finals)} seeds)"
         sweep = ", ".join(f"{r['lr']:g}: {fmt(r['val_loss'])}" for r in a["sweep"])
         edge = " (grid edge)" if a["at_edge"] else ""
-        lines.append(f"| {name} | {a['best_lr']:g}{edge} | {statistics.mean(finals):.4f} ± "
-                     f"{std:.4f} | {reach} | {sweep} |")
+        spread = (f"{statistics.mean(finals):.4f} ± {std:.4f}" if len(finals) == seeds else
+                  f"{statistics.mean(finals):.4f} ({len(finals)} seed{'s' * (len(finals) > 1)})")
+        lines.append(f"| {name} | {a['best_lr']:g}{edge} | {spread} | {reach} | {sweep} |")
     lines += ["", "![validation loss curves](convergence.png)", ""]
     (out / "convergence.md").write_text("\n".join(lines))
     plot(out / "convergence.png", results, target)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="leave out the fp32 Newton-Schulz Muon (the slowest arm)")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: add Dion arms whose fp32 matmuls run in TF32")
+    ap.add_argument("--dion-options", default=None, metavar="JSON",
+                    help='also time Dion with these options at every rank, e.g. '
+                         '\'{"nesterov": true}\'')
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -220,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
             arms[_dion_name(f) + " TF32"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
                                                           rank_fraction=f)
             tf32_arms.add(_dion_name(f) + " TF32")
+        if args.dion_options:
+            options = json.loads(args.dion_options)
+            arms[f"{_dion_name(f)} {args.dion_options}"] = torchdion.Dion(
+                make_params(weights, grads), lr=0.01, rank_fraction=f, **options)
     for f in DION2_FRACTIONS:
         arms[f"Dion2 1/{round(1 / f)}"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
                                                          rank_fraction=f, algorithm="dion2")

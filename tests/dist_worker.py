@@ -71,10 +71,17 @@ def batches(start=0, stop=STEPS):
             yield x, torch.tanh(x @ target)
 
 
+# "dion-options": Dion with its quality options all on, each of which must stay exact everywhere
+OPTIONS = dict(nesterov=True, polar_q=True, direction_tol=0.05, lr_scale="muon")
+
+
 def make_opt(model, rank_fraction, method, algorithm="dion", **kw):
-    """Hidden matrices in a group of ``algorithm`` ("dion", "dion2", or "muon" with Nesterov)."""
+    """Hidden matrices in a group of ``algorithm`` ("dion", "dion2", or "muon" with Nesterov;
+    "dion-options": Dion with OPTIONS)."""
     matrices = dict(rank_fraction=rank_fraction, algorithm=algorithm,
                     nesterov=algorithm == "muon")
+    if algorithm == "dion-options":
+        matrices.update(OPTIONS, algorithm="dion")
     groups = torchdion.param_groups(model, dion=matrices)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
@@ -220,11 +227,15 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 if method == "randomized":
                     add("sketch", sketch_rows(r, lay.a) * r * count)
                 add("gram", r * r * count)
-                add("R", b_loc * r * count)
+                # nesterov: the lookahead's R and B's own R^T P share the row sum
+                add("R", b_loc * r * count * (2 if group["nesterov"] else 1))
             if rep > 1:
                 add("R", b_loc * r * count)
             if col > 1:
-                add("norms", r * count)
+                if group["polar_q"]:  # R's Gram (its diagonal holds the column norms)
+                    add("gram", r * r * count)
+                else:
+                    add("norms", r * count)
     return out
 
 
@@ -741,7 +752,8 @@ def main() -> None:
     # two correct runs part at the 1e-3 level even in fp64, so it is checked at r < b only.
     combos = [("dion", 1.0, "randomized"), ("dion", 0.5, "randomized"),
               ("dion", 0.5, "cholesky"), ("dion", 0.25, "randomized"), ("dion", 0.25, "cholesky"),
-              ("dion2", 0.25, "randomized"), ("muon", 1.0, "randomized")]
+              ("dion2", 0.25, "randomized"), ("muon", 1.0, "randomized"),
+              ("dion-options", 0.25, "randomized")]
     for algorithm, rank_fraction, method in combos:
         ref = reference(rank_fraction, method, algorithm)
         for name, build in LAYOUTS[world].items():

@@ -16,7 +16,7 @@ def unit_columns(b: int, r: int, gen: torch.Generator) -> torch.Tensor:
 def dion_and_reference(
     m: int, n: int, r: int, method: str, *, seed: int = 0, dtype: torch.dtype = torch.float64,
     lr: float = 0.1, mu: float = 0.9, weight_decay: float = 0.05, lr_scale: str = "spectral",
-    power_iters: int = 1, eps: float = 1e-8,
+    power_iters: int = 1, eps: float = 1e-8, **options,
 ):
     """A one-parameter Dion and a ReferenceDion with equal weights, zero momentum and equal Q.
 
@@ -29,14 +29,14 @@ def dion_and_reference(
     b = min(m, n)
     opt = torchdion.Dion(
         [p], lr=lr, mu=mu, rank_fraction=r / b, weight_decay=weight_decay, eps=eps,
-        orthonormalize=method, lr_scale=lr_scale, power_iters=power_iters, seed=seed,
+        orthonormalize=method, lr_scale=lr_scale, power_iters=power_iters, seed=seed, **options,
     )
     opt.step()
     assert opt.state[p]["Q"].shape == (b, r)
     Q0 = unit_columns(b, r, gen)
     opt.state[p]["Q"].copy_(Q0)
     ref = ReferenceDion(p.detach().to(torch.float64), Q0, lr=lr, mu=mu, weight_decay=weight_decay,
-                        eps=eps, lr_scale=lr_scale, power_iters=power_iters)
+                        eps=eps, lr_scale=lr_scale, power_iters=power_iters, **options)
     return opt, p, ref, gen
 
 

@@ -22,6 +22,8 @@ def scale(kind: str, m: int, n: int) -> float:
         return math.sqrt(max(1.0, m / n))
     if kind == "none":
         return 1.0
+    if kind == "muon":
+        return math.sqrt(max(1.0, m / n))
     raise ValueError(kind)
 
 
@@ -39,7 +41,9 @@ class ReferenceDion:
     """
 
     def __init__(self, X: Tensor, Q0: Tensor, *, lr: float, mu: float, weight_decay: float = 0.0,
-                 eps: float = 1e-8, lr_scale: str = "spectral", power_iters: int = 1) -> None:
+                 eps: float = 1e-8, lr_scale: str = "spectral", power_iters: int = 1,
+                 nesterov: bool = False, polar_q: bool = False,
+                 direction_tol: float = 0.0) -> None:
         self.m, self.n = X.shape
         self.transposed = self.m < self.n
         self.A = self._canon(X.detach().to(torch.float64)).clone()
@@ -49,6 +53,7 @@ class ReferenceDion:
         self.lr, self.mu, self.wd, self.eps = lr, mu, weight_decay, eps
         self.scale = scale(lr_scale, self.m, self.n)
         self.power_iters = power_iters
+        self.nesterov, self.polar_q, self.tol = nesterov, polar_q, direction_tol
         self.last_P: Tensor | None = None
 
     def _canon(self, t: Tensor) -> Tensor:
@@ -65,18 +70,26 @@ class ReferenceDion:
     def step(self, G: Tensor) -> None:
         G = self._canon(G.to(torch.float64))
         B = self.M + G
-        if not B.any():  # an all-zero B gives P = 0 and keeps Q
+        D = G + self.mu * B if self.nesterov else B  # the matrix whose direction is taken
+        if not D.any():  # an all-zero B (or lookahead) gives P = 0 and keeps Q
             self.last_P = torch.zeros(B.shape[0], self.Q.shape[1], dtype=torch.float64)
             self.A = self.A * (1 - self.lr * self.wd)
             return
         Q = self.Q
         for _ in range(self.power_iters):
-            P = B @ Q
+            P = D @ Q
             P = torch.linalg.qr(P, mode="reduced").Q  # Householder QR, float64
-            R = B.T @ P
-            Q = R / (R.norm(dim=0, keepdim=True) + self.eps)
-        self.M = B - (1 - self.mu) * P @ R.T
-        self.Q = Q
+            R = D.T @ P
+            norms = R.norm(dim=0, keepdim=True)
+            Q = R / (norms + self.eps)
+        self.M = B - (1 - self.mu) * P @ (B.T @ P).T  # error feedback on B, not the lookahead
+        self.Q = Q  # the next step starts from R's normalized columns whatever the options
+        if self.polar_q:  # polar factor of R by its SVD, small singular values dropped
+            U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+            keep = (S > self.tol * S.max()) & (S > 0)
+            Q = U @ torch.diag(torch.where(keep, S / (S + self.eps), 0.0)) @ Vh
+        else:
+            Q = Q * (norms > self.tol * norms.max())
         self.last_P = P
         self.A = self.A * (1 - self.lr * self.wd) - self.lr * self.scale * P @ Q.T
 

@@ -261,3 +261,12 @@ def test_moe_checkpoint_loads_in_a_single_process(results):
             assert w.rel_err(p.detach(), ref_params[n]) < 1e-12, n
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("world,name", LAYOUTS)
+def test_quality_options_exact_in_every_layout(results, world, name):
+    """nesterov, polar_q, direction_tol and lr_scale="muon", all on: the same weights and mean
+    momentum as one device (the checks above cover the ledger and replicas)."""
+    rows = scenarios(results, world=world, name=name, algorithm="dion-options")
+    for r in rows:
+        assert r["param_err"] < 1e-5 and r["momentum_err"] < 1e-5, r

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 import torchdion
 
 NAMES = ("lr", "mu", "rank_fraction", "rank_multiple_of", "weight_decay", "betas", "eps",
-         "power_iters", "orthonormalize", "lr_scale", "algorithm", "flatten", "state_dtype")
+         "power_iters", "orthonormalize", "lr_scale", "algorithm", "flatten", "state_dtype",
+         "nesterov", "polar_q", "direction_tol")
 CHOICES = {"orthonormalize": ("qr", "cholesky", "randomized"),
-           "lr_scale": ("spectral", "rms", "none"), "algorithm": ("dion", "adamw", "lion")}
+           "lr_scale": ("spectral", "rms", "muon", "none"), "algorithm": ("dion", "adamw", "lion")}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32,
           torch.int64, torch.bool, torch.complex64, torch.uint8)
 
@@ -56,8 +57,10 @@ def valid(name: str, x) -> bool:
                 and all(_number(b) and 0 <= b < 1 for b in x))
     if name in CHOICES:
         return isinstance(x, str) and x in CHOICES[name]
-    if name == "flatten":
+    if name in ("flatten", "nesterov", "polar_q"):
         return isinstance(x, bool)
+    if name == "direction_tol":
+        return _number(x) and 0 <= x < 1
     if name == "state_dtype":
         return x is None or (isinstance(x, torch.dtype) and x.is_floating_point)
     raise AssertionError(name)

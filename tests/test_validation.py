@@ -24,6 +24,9 @@ BAD = {
     "algorithm": ["sgd", "Dion", None],
     "flatten": [1, "yes", None],
     "state_dtype": [torch.int32, torch.bool, "float32", torch.float32.itemsize],
+    "nesterov": [1, "yes", None],
+    "polar_q": [0, "no", None],
+    "direction_tol": [-0.1, 1.0, math.nan, "0.1", None, True],
 }
 CASES = [(name, value) for name, values in BAD.items() for value in values]
 

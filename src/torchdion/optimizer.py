@@ -113,8 +113,13 @@ class Dion(Optimizer):
             writes stay in fp32 (fp64 for fp64 parameters). For Dion2 and Muon: the products of
             Newton-Schulz after its first Gram (the polynomial is applied in fp32).
         ns_steps: Newton-Schulz steps of Dion2 and Muon (coefficients in :mod:`torchdion.dion2`).
-        nesterov: Dion2 and Muon orthonormalize G + mu B instead of B (torch.optim.Muon's
-            default is True).
+        nesterov: take the direction from the lookahead G + mu B instead of B (torch.optim.Muon's
+            default is True). Dion's error feedback still removes B's captured part.
+        polar_q: Dion's right factor is the polar factor of R (R (R^T R)^-1/2) instead of R's
+            normalized columns: P Q^T = polar(P P^T C), at full rank Muon's direction.
+        direction_tol: directions of R at or below this fraction of the largest (column norms,
+            or singular values with polar_q) give no Dion update; 0 keeps all but those at
+            rounding level (:func:`torchdion.update.direction_tolerance`).
         seed: seeds the initial Q and the randomized sketches; equal on every process.
         raise_on_nonfinite: raise instead of skipping a parameter whose gradient is not finite.
         replicate_group: data-parallel replicas (a ProcessGroup or a 1-D DeviceMesh) whose
@@ -163,6 +168,8 @@ class Dion(Optimizer):
         stacked: bool = False,
         ns_steps: int = 5,
         nesterov: bool = False,
+        polar_q: bool = False,
+        direction_tol: float = 0.0,
         *,
         seed: int = 0,
         raise_on_nonfinite: bool = False,
@@ -176,6 +183,7 @@ class Dion(Optimizer):
             eps=eps, power_iters=power_iters, orthonormalize=orthonormalize, lr_scale=lr_scale,
             algorithm=algorithm, flatten=flatten, state_dtype=state_dtype,
             matmul_dtype=matmul_dtype, stacked=stacked, ns_steps=ns_steps, nesterov=nesterov,
+            polar_q=polar_q, direction_tol=direction_tol,
         )
         validate_hyperparameters(defaults)
         check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
@@ -532,13 +540,23 @@ class Dion(Optimizer):
                     ns_steps=group["ns_steps"], eps=group["eps"], matmul_dtype=matmul))
                 continue
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
+            options: dict[str, Any] = {}  # passed only when on: a substitute update may lack them
+            if group["nesterov"]:  # C = G + mu B, the lookahead
+                C = workspace.take(B.shape, compute, device)
+                for c, p, b in zip(C, params, B):
+                    torch.add(self._local_matrix(grads[p], group).to(compute), b,
+                              alpha=group["mu"], out=c)
+                options["C"] = plan.canonical(C)
+            if group["polar_q"]:
+                options["polar_q"] = True
             gens.append(self.update(
                 plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
                 method=group["orthonormalize"],
                 sketch=plan.sketch(self.seed, key.step + 1, device, compute),
                 power_iters=group["power_iters"],
-                tol=direction_tolerance(plan.a, plan.b, compute, matmul),
-                matmul_dtype=matmul, momentum_dtype=momenta[0].dtype))
+                tol=max(direction_tolerance(plan.a, plan.b, compute, matmul),
+                        group["direction_tol"]),
+                matmul_dtype=matmul, momentum_dtype=momenta[0].dtype, **options))
         results = run_lockstep(gens, plans, self._comm.complete)
         return [(res, res.ok) for res in results]
 
@@ -565,7 +583,7 @@ class Dion(Optimizer):
                 matrix = (i, *j)
                 res.write_momentum(matrix, M[j])
                 if isinstance(res, DionStep) and Q is not None:  # Dion2 and Muon keep no Q
-                    Q[j].copy_(res.Q[matrix])
+                    Q[j].copy_((res.Q if res.Q_next is None else res.Q_next)[matrix])
                 res.apply_update(matrix, A[j], alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],

@@ -180,6 +180,7 @@ class DionStep:
     mu: float
     M: Tensor | None = None
     matmul_dtype: torch.dtype | None = None
+    Q_next: Tensor | None = None  # the next step's Q where it is not the update's (polar_q)
 
     def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
         """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
@@ -252,6 +253,8 @@ def dion_update(
     tol: float = 0.0,
     matmul_dtype: torch.dtype | None = None,
     momentum_dtype: torch.dtype | None = None,
+    C: Tensor | None = None,
+    polar_q: bool = False,
 ) -> Generator[Reduce, Tensor, DionStep]:
     """One Dion step for B = M + G, shape (*batch, a, b), and Q, shape (*batch, b, r).
 
@@ -273,35 +276,58 @@ def dion_update(
     Using the replica's own R_i in the error feedback leaves the replicas' mean momentum exact
     and stops each replica's momentum drifting from the mean (docs/design.md section 2).
     With ``power_iters`` > 1 the step repeats with the new Q before the error feedback.
+
+    Options (each linear in the gradients before every sum, so exact in every layout):
+
+    ``C`` (Nesterov lookahead, C = G + mu B): the direction comes from C instead of B,
+    P = orthonormalize(C Q), R = C^T P, while the error feedback keeps B's own part,
+    M = B - (1 - mu) P (B^T P)^T. At full rank on a square matrix this is Muon's Nesterov step.
+    Costs one more (a, b) x (a, r) product, and where rows are sharded, a row sum of 2 b r
+    instead of b r.
+
+    ``polar_q``: the update's right factor is the polar factor of R, Q = R (R^T R)^-1/2, instead
+    of R's normalized columns, so P Q^T = polar(P P^T C): at full rank exactly Muon's
+    orthogonalized direction in one step. Costs an r x r eigendecomposition, and where columns
+    are sharded an (r, r) float64 sum in place of the r column norms. R's singular values at or
+    below ``tol`` times the largest give no update (instead of its columns). The next step still
+    starts from R's normalized columns (the same span).
     """
     low = None if matmul_dtype in (None, B.dtype) else matmul_dtype
-    Bm, unscale = B, None
-    if low == torch.float16:
-        # per-matrix scale, decided on the device: max |B| maps to 1 (an all-zero B stays zero)
-        amax = torch.linalg.vector_norm(B, math.inf, dim=(-2, -1), keepdim=True)
-        unscale = torch.where(amax > 0, amax, 1.0)
-        Bm = (B / unscale).to(low)
-    elif low is not None:
-        Bm = B.to(low)
+    Bm, unscale = _for_products(B, low)
+    Dm, unscale_d = (Bm, unscale) if C is None else _for_products(C, low)
     Q_old = Q
     for _ in range(power_iters):
-        # (Q^T B^T)^T is B Q, stored column-major: the triangular solves then run in place.
-        P = yield Reduce((Q.to(Bm.dtype).mT @ Bm.mT).mT.to(B.dtype), ("col", "replica"), "P")
+        # (Q^T D^T)^T is D Q, stored column-major: the triangular solves then run in place.
+        P = yield Reduce((Q.to(Dm.dtype).mT @ Dm.mT).mT.to(B.dtype), ("col", "replica"), "P")
         P = yield from orthonormalize(P, method, sketch, overwrite=True)
-        R_own = (Bm.mT @ P.to(Bm.dtype)).to(B.dtype)
-        if unscale is not None:
-            R_own = R_own * unscale
-        R_own = yield Reduce(R_own, ("row",), "R")
-        R = yield Reduce(R_own, ("replica",), "R")
-        norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
+        R_own = _unscaled(Bm.mT @ P.to(Bm.dtype), unscale, B.dtype)
+        if C is None:
+            R_own = yield Reduce(R_own, ("row",), "R")
+            R = yield Reduce(R_own, ("replica",), "R")
+        else:  # the lookahead's R and B's own share the row sum
+            r = P.shape[-1]
+            R_dir = _unscaled(Dm.mT @ P.to(Dm.dtype), unscale_d, B.dtype)
+            both = yield Reduce(torch.cat([R_dir, R_own], -1), ("row",), "R")
+            R_own = both[..., r:]
+            R = yield Reduce(both[..., :r].contiguous(), ("replica",), "R")
+        if polar_q:  # R's Gram: its diagonal holds the column norms
+            gram = yield Reduce(R.mT.double() @ R.double(), ("col",), "gram")
+            norm_sq = gram.diagonal(dim1=-2, dim2=-1).to(R.dtype)
+        else:
+            norm_sq = yield Reduce((R * R).sum(-2), ("col",), "norms")
         Q = R / (norm_sq.sqrt().unsqueeze(-2) + eps)
     ok = _all_finite(P) & torch.isfinite(norm_sq).all(-1)
     # Compared squared: tol^2 max ||R_:,k||^2. An all-zero B (zero momentum and gradient) has no
     # direction at all: P is zero there and Q stays the old Q. Decided without the host.
     direction = norm_sq > (tol * tol) * norm_sq.amax(-1, keepdim=True)
     moved = direction.any(-1)
-    P_out = P * direction.unsqueeze(-2)
     Q_out = torch.where(moved[..., None, None], Q, Q_old)
+    Q_next = None
+    if polar_q:  # directions are R's singular vectors, not its columns
+        P_out = P * moved[..., None, None]
+        Q_next, Q_out = Q_out, R @ _inverse_sqrt(gram, eps, tol).to(R.dtype)
+    else:
+        P_out = P * direction.unsqueeze(-2)
     M = None
     if low is not None or momentum_dtype not in (None, B.dtype):
         # formed now, in B's storage (B is not needed after this), so that what will be written
@@ -315,4 +341,32 @@ def dion_update(
             largest = torch.linalg.vector_norm(M, math.inf, dim=(-2, -1))
             ok = ok & (largest <= torch.finfo(momentum_dtype).max)
     return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu, M=M,
-                    matmul_dtype=low)
+                    matmul_dtype=low, Q_next=Q_next)
+
+
+def _for_products(X: Tensor, low: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    """X in ``low`` for the big products, and the scale to undo (fp16: max |X| maps to 1, an
+    all-zero X stays zero)."""
+    if low is None:
+        return X, None
+    if low == torch.float16:
+        amax = torch.linalg.vector_norm(X, math.inf, dim=(-2, -1), keepdim=True)
+        unscale = torch.where(amax > 0, amax, 1.0)
+        return (X / unscale).to(low), unscale
+    return X.to(low), None
+
+
+def _unscaled(R: Tensor, unscale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    R = R.to(dtype)
+    return R if unscale is None else R * unscale
+
+
+def _inverse_sqrt(gram: Tensor, eps: float, tol: float) -> Tensor:
+    """W diag(1 / (s + eps)) W^T for gram = W diag(s^2) W^T, dropping s <= tol * max(s).
+
+    R times this is R's polar factor (with R = U S W^T: U S (S + eps)^-1 W^T)."""
+    lam, W = torch.linalg.eigh(gram)
+    s = lam.clamp_min(0).sqrt()
+    keep = (s > tol * s.amax(-1, keepdim=True)) & (s > 0)
+    f = torch.where(keep, 1 / (s + eps), 0.0)
+    return (W * f.unsqueeze(-2)) @ W.mT

@@ -85,6 +85,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "None, torch.bfloat16, torch.float16 or torch.float32"),
     "ns_steps": (lambda x: _is_int(x, 1), "an int >= 1"),
     "nesterov": (lambda x: isinstance(x, bool), "a bool"),
+    "polar_q": (lambda x: isinstance(x, bool), "a bool"),
+    "direction_tol": (lambda x: _is_number(x) and 0 <= x < 1, "a number in [0, 1)"),
 }
 
 

@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv=None) -> TrainConfig:
     ns = vars(parser().parse_args(argv))
-    return TrainConfig(**{f.name: ns[f.name] for f in fields(TrainConfig)})
+    return TrainConfig(**{f.name: ns[f.name] for f in fields(TrainConfig) if f.name in ns})
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -141,7 +141,7 @@ def command_line(cfg: TrainConfig) -> str:
     default, args = TrainConfig(), []
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if value == getattr(default, f.name):
+        if value == getattr(default, f.name) or f.name == "dion_options":  # no such option
             continue
         if f.type == "bool":
             args.append(option(f.name) if value else "--no-" + f.name.replace("_", "-"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # torchdion.Dion with the hidden matrices in a group of Dion, Dion2, or torchdion's Muon
@@ -57,6 +57,7 @@ class TrainConfig:
     stop_after: int = 0  # stop once this many steps are done (0: at --steps); splits a run
     out: str = "runs/train"
     dion_sync: str = "compressed"
+    dion_options: dict = field(default_factory=dict)  # extra torchdion.Dion arguments
     sample_chars: int = 300
     progress: bool = True
     plots: bool = True
@@ -117,6 +118,8 @@ _RULES = [
     ("sample_chars", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: cores / processes)"),
     ("out", lambda v: isinstance(v, str) and v != "", "a directory path"),
+    ("dion_options", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+     "a dict of torchdion.Dion keyword arguments"),
 ]
 for _f in fields(TrainConfig):  # a new field must get a rule, or be a flag
     assert _f.name in {r[0] for r in _RULES} or _f.type == "bool", _f.name

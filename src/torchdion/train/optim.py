@@ -113,7 +113,7 @@ def sync_mode(kind: str, parallel: str, world: int, dion_sync: str = "compressed
 def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
           weight_decay: float, rank_fraction: float, seed: int, world: int,
           group=None, dion_sync: str = "compressed", parallel: str = "ddp",
-          replicate=None) -> Setup:
+          replicate=None, dion_options: dict | None = None) -> Setup:
     """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default).
 
     Under ``parallel`` fsdp, hsdp or tp the parameters are already sharded (DTensors) and Dion
@@ -136,7 +136,7 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
             replicate = group or dist.group.WORLD
         kwargs = {"replicate_group": replicate} if replicate is not None else {}
         opts = [torchdion.Dion(groups, lr=lr, weight_decay=weight_decay, betas=BETAS, seed=seed,
-                               **kwargs)]
+                               **kwargs, **(dion_options or {}))]
     elif kind == "muon":
         matrices, rest = hidden_matrices(model, head)
         opts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay),
