@@ -104,10 +104,10 @@ def main(argv=None) -> None:
         "# Time to AdamW's final loss on a rate-limited link", "",
         f"Command: `python benchmarks/time_to_target.py`. Steps: {shown['convergence']} "
         f"(target {conv['target']:.3f}, AdamW's mean final validation loss at "
-        f"{conv['config']['steps']} steps). Seconds per step: {shown['netem']} (4 ranks, 2 GPT-2-small "
-        "blocks) where measured; *predicted* (marked p) from the netem step of the arm sending "
-        f"the same bytes plus k x the optimizer-compute difference in {shown['step_time']}, "
-        f"k = {k:.2f} (see the script's docstring).", "",
+        f"{conv['config']['steps']} steps). Seconds per step: {shown['netem']} (4 ranks, "
+        "2 GPT-2-small blocks) where measured; *predicted* (marked p) from the netem step of "
+        "the arm sending the same bytes plus k x the optimizer-compute difference in "
+        f"{shown['step_time']}, k = {k:.2f} (see the script's docstring).", "",
         "| arm | steps to target | " + " | ".join(f"s / step, {lk}" for lk in LINKS)
         + " | " + " | ".join(f"time to target, {lk}" for lk in LINKS) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(LINKS))) + " |",
