@@ -53,6 +53,11 @@ ARMS += [("Dion2 1/4", "dion2", 0.25, {}), ("Dion2 1/16", "dion2", 0.0625, {}),
 ARMS += [(f"Dion r={k} {v}", "dion", RANKS[k], opts) for v, opts in VARIANTS.items()
          for k in ("1", "1/4", "1/16")]
 BASELINE = [name for name, _, _, opts in ARMS if not opts]  # what a run without --arms runs
+ARMS += [("Dion r=1/4, bf16 matmuls", "dion", 0.25, {})]
+# Trainer settings beyond the optimizer's, and arms that sweep fewer lrs (around the best lr of
+# the arm they vary) to keep the run short.
+ARM_SETTINGS = {"Dion r=1/4, bf16 matmuls": dict(matmul_dtype="bf16")}
+ARM_LRS = {"Dion r=1/4, bf16 matmuls": [0.01, 0.02, 0.04]}
 MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
 ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
 
@@ -147,10 +152,11 @@ def main(argv=None) -> None:
                                        if arm[0] in chosen else len(chosen)):
         if name in results or name not in chosen:  # in the order asked for
             continue
-        lrs = adamw_lrs if kind == "adamw" else matrix_lrs
+        lrs = adamw_lrs if kind == "adamw" else ARM_LRS.get(name, matrix_lrs)
         arm = replace(base, optimizer=kind, rank_fraction=rf, adam_lr=adam_lr,
-                      dion_options=dict(opts))
-        tag = name.replace(" ", "").replace("/", "_").replace("=", "").replace("+", "_")
+                      dion_options=dict(opts), **ARM_SETTINGS.get(name, {}))
+        tag = (name.replace(" ", "").replace("/", "_").replace("=", "").replace("+", "_")
+               .replace(",", "_"))
         sweep = []
         for lr in lrs:
             run = run_one(replace(arm, lr=lr, seed=0, out=str(runs / tag / f"lr{lr}_s0")),

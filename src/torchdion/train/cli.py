@@ -22,6 +22,7 @@ from .config import (
     DECAYS,
     DEFAULT_LR,
     DION_SYNCS,
+    MATMUL_DTYPES,
     OPTIMIZERS,
     PARALLEL,
     TrainConfig,
@@ -75,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
                    help="peak AdamW lr of embeddings, head and norms under dion and muon")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="decoupled weight decay (times the lr)")
+    g.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default=d.matmul_dtype,
+                   help="dtype of Dion's four big products (bf16: faster, within bf16 rounding)")
     g.add_argument("--dion-sync", choices=DION_SYNCS, default=d.dion_sync,
                    help="compressed: Dion syncs replicas itself with low-rank factors; ddp: DDP "
                    "all-reduces full gradients")

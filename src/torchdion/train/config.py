@@ -22,6 +22,7 @@ DEFAULT_LR = {"dion": 0.02, "dion2": 0.02, "muon-torchdion": 0.02, "muon": 0.02,
 PARALLEL = ("ddp", "fsdp", "tp", "fsdp-tp", "hsdp", "ep")
 DECAYS = ("cosine", "linear", "none")
 DION_SYNCS = ("compressed", "ddp")
+MATMUL_DTYPES = ("fp32", "bf16")  # Dion's matmul_dtype: None or torch.bfloat16
 # What a run writes in --out: a directory holding any of these holds a previous run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "summary.md", "loss.png", "sample.txt",
              "checkpoints")
@@ -58,6 +59,7 @@ class TrainConfig:
     out: str = "runs/train"
     dion_sync: str = "compressed"
     dion_options: dict = field(default_factory=dict)  # extra torchdion.Dion arguments
+    matmul_dtype: str = "fp32"
     sample_chars: int = 300
     progress: bool = True
     plots: bool = True
@@ -94,6 +96,7 @@ _RULES = [
     ("parallel", lambda v: v in PARALLEL, f"one of {', '.join(PARALLEL)}"),
     ("decay", lambda v: v in DECAYS, f"one of {', '.join(DECAYS)}"),
     ("dion_sync", lambda v: v in DION_SYNCS, f"one of {', '.join(DION_SYNCS)}"),
+    ("matmul_dtype", lambda v: v in MATMUL_DTYPES, f"one of {', '.join(MATMUL_DTYPES)}"),
     ("nproc", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     ("max_restarts", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     ("rank_fraction", lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),

@@ -104,7 +104,8 @@ class Run:
             cfg.optimizer, self.model, self.model.head, lr=cfg.resolved_lr(),
             adam_lr=cfg.adam_lr, weight_decay=cfg.weight_decay, rank_fraction=cfg.rank_fraction,
             seed=cfg.seed, world=world, dion_sync=cfg.dion_sync, parallel=cfg.parallel,
-            replicate=replicate, dion_options=cfg.dion_options)
+            replicate=replicate, dion_options=cfg.dion_options,
+            matmul_dtype=cfg.matmul_dtype)
         self.net = self._wrap_ddp()
         # Peak learning rates from the settings, not from a checkpoint's (scheduled) groups.
         peaks = [[g["lr"] for g in o.param_groups] for o in self.setup.optimizers]

@@ -113,7 +113,8 @@ def sync_mode(kind: str, parallel: str, world: int, dion_sync: str = "compressed
 def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: float,
           weight_decay: float, rank_fraction: float, seed: int, world: int,
           group=None, dion_sync: str = "compressed", parallel: str = "ddp",
-          replicate=None, dion_options: dict | None = None) -> Setup:
+          replicate=None, dion_options: dict | None = None,
+          matmul_dtype: str = "fp32") -> Setup:
     """Optimizers for ``kind``; ``group`` is the data-parallel process group (None: default).
 
     Under ``parallel`` fsdp, hsdp or tp the parameters are already sharded (DTensors) and Dion
@@ -128,7 +129,9 @@ def build(kind: str, model: nn.Module, head: nn.Module, *, lr: float, adam_lr: f
     opts: list[torch.optim.Optimizer]
     if kind in TORCHDION:
         groups = torchdion.param_groups(
-            model, head=head, dion=dict(rank_fraction=rank_fraction, **MATRIX_GROUP[kind]),
+            model, head=head, dion=dict(
+                rank_fraction=rank_fraction, **MATRIX_GROUP[kind],
+                matmul_dtype=torch.bfloat16 if matmul_dtype == "bf16" else None),
             stacked="*.moe.w_*",
             embedding=dict(lr=adam_lr), other=dict(lr=adam_lr))
         if sync == SyncMode.DION_COMPRESSED:
