@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdion
 from torchdion.update import direction_tolerance
@@ -211,3 +212,54 @@ def test_elementwise_raise_on_nonfinite_raises_before_any_write():
         opt.step()
     assert all(torch.equal(p.detach(), w) for p, w in zip(ps, before[0]))
     assert [opt.state[p]["step"] for p in ps] == [s["step"] for s in before[1]]
+
+
+# ---------------------------------------------------------------- no host synchronization
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on every read of a tensor's value by the host that passes through the dispatcher
+    (item, bool, int, float, comparisons in ``if``: all end in aten._local_scalar_dense)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("the step read a tensor's value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def _no_tolist(self, *args, **kwargs):  # .tolist() and .numpy() bypass the dispatcher
+    raise AssertionError("the step read a tensor's values on the host")
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+def test_step_reads_nothing_back_from_the_device(monkeypatch, matmul_dtype):
+    """In the steady state, with a non-finite gradient among the others, every decision (skip,
+    zero momentum, Cholesky shift) is made on the device; the skips are counted there too."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16), (12,), (5,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = torchdion.Dion([{"params": ps[:3], "rank_fraction": 0.5},
+                          {"params": [ps[3]], "algorithm": "adamw"},
+                          {"params": [ps[4]], "algorithm": "lion"}],
+                         lr=0.05, matmul_dtype=matmul_dtype)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    ps[2].grad = torch.zeros(16, 16)
+    opt.state[ps[2]]["momentum"].zero_()  # no direction: no update, Q kept
+    ps[0].grad[1, 1] = float("nan")
+    ps[3].grad[0] = float("inf")
+    before = [p.detach().clone() for p in ps]
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", _no_tolist)
+        m.setattr(torch.Tensor, "numpy", _no_tolist)
+        with _NoHostReads():
+            opt.step()
+    assert opt.nonfinite_skips == 2
+    assert torch.equal(ps[0].detach(), before[0]) and torch.equal(ps[3].detach(), before[3])
+    assert not torch.equal(ps[1].detach(), before[1])
+    assert not torch.equal(ps[4].detach(), before[4])
+    assert all(p.isfinite().all() for p in ps)

@@ -137,8 +137,13 @@ class Dion(Optimizer):
 
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
     ((*batch, min(m, n), r); batch is () unless stacked) and ``state[p]["step"]``; Dion2 and
-    Muon keep no Q. A matrix whose step met a non-finite value keeps its weights and state for
-    that step (in a stack, only that matrix); ``nonfinite_skips`` counts such (matrix, step) pairs.
+    Muon keep no Q. A matrix whose step met a non-finite value (or a value its storage dtype
+    cannot hold) keeps its weights and state for that step (in a stack, only that matrix), its
+    step count aside; ``nonfinite_skips`` counts such (matrix, step) pairs. For Dion and the
+    element-wise algorithms these decisions are made on the device: ``step()`` reads nothing
+    back to the host (``raise_on_nonfinite`` and ``orthonormalize="cholesky"``, which reads
+    whether its fallback is needed, excepted), and ``nonfinite_skips`` synchronizes only when
+    read.
 
     With ``replicate_group`` (gradients not synchronized), every trainable parameter takes part
     in every step on every replica, and a replica without a gradient for it counts as a zero
@@ -570,20 +575,25 @@ class Dion(Optimizer):
         lr, wd = float(group["lr"]), group["weight_decay"]
         alpha = -lr * lr_scale_factor(group["lr_scale"], plan.m, plan.n)
         for i, p in enumerate(params):
-            ok = res.ok[i]  # one flag per matrix: a stacked parameter has several
-            if ok.numel() and not bool(ok.any()):  # (a rank may hold none of a stack's)
-                continue
+            # Written where the step is finite, decided on the device; the step count advances
+            # either way (the host never reads the flags).
             state = self.state[p]
             state["step"] += 1
             M = plan.canonical(self._local_matrix(state["momentum"], group))
             Q = local_tensor(state["Q"]) if isinstance(res, DionStep) else None  # Dion2: none
             A = plan.canonical(self._local_matrix(p, group))
-            # all matrices at once; where some met a non-finite value, only the others
+            if Q is not None:
+                # Dion: all matrices of a stack at once, the writes masked on the device
+                res.write_momentum(i, M)
+                Q.copy_((res.Q if res.Q_next is None else res.Q_next)[i])
+                res.apply_update(i, A, alpha, 1 - lr * wd)
+                continue
+            # Dion2 and Muon: the host reads the flags; where some met a non-finite value, only
+            # the others are written
+            ok = res.ok[i]
             for j in [()] if bool(ok.all()) else [tuple(j) for j in ok.nonzero().tolist()]:
                 matrix = (i, *j)
                 res.write_momentum(matrix, M[j])
-                if isinstance(res, DionStep) and Q is not None:  # Dion2 and Muon keep no Q
-                    Q[j].copy_((res.Q if res.Q_next is None else res.Q_next)[matrix])
                 res.apply_update(matrix, A[j], alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],
@@ -613,10 +623,10 @@ class Dion(Optimizer):
         return params, list(zip(targets, new)), ok
 
     def _apply_elementwise(self, params: list[Tensor], new, ok: Tensor) -> None:
-        """Write what :meth:`_elementwise_phase` computed, where it is finite; a skipped
-        parameter keeps its step count too (the one read of the flags by the host)."""
-        for i, (p, good) in enumerate(zip(params, ok.tolist())):
-            self.state[p]["step"] += good
+        """Write what :meth:`_elementwise_phase` computed, where it is finite. The step count
+        advances either way (the host never reads the flags)."""
+        for i, p in enumerate(params):
+            self.state[p]["step"] += 1
             for targets, values in new:
                 masked_copy_(targets[i], values[i], ok[i])
 

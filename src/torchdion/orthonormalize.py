@@ -64,14 +64,14 @@ def cholesky_qr(
     (relative to the Gram's trace), which leaves exactly-zero columns at zero. ``overwrite``: P
     may be used as the output's storage."""
     G = yield from _gram(P)
-    L, info = torch.linalg.cholesky_ex(G)
-    failed = info != 0
-    if any_true(failed):
-        r = G.shape[-1]
-        shift = torch.finfo(G.dtype).eps * r * G.diagonal(dim1=-2, dim2=-1).mean(-1)
-        shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
-        eye = torch.eye(r, dtype=G.dtype, device=G.device)
-        L = torch.linalg.cholesky_ex(G + shift[..., None, None] * eye).L
+    failed = torch.linalg.cholesky_ex(G).info != 0
+    # Factored again with the shift (zero where the first attempt succeeded) rather than only
+    # where it failed: an r x r Cholesky costs little, and the host never reads ``failed``.
+    r = G.shape[-1]
+    shift = torch.finfo(G.dtype).eps * r * G.diagonal(dim1=-2, dim2=-1).mean(-1)
+    shift = torch.where(failed, shift.clamp_min(torch.finfo(G.dtype).tiny), 0.0)
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    L = torch.linalg.cholesky_ex(G + shift[..., None, None] * eye).L
     return _solve_upper_right(L.mT, P, overwrite), failed
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .masks import masked_copy_
 from .orthonormalize import orthonormalize
-from .reduce import Reduce, any_true
+from .reduce import Reduce
 
 
 def lr_scale_factor(kind: str, m: int, n: int) -> float:
@@ -96,15 +97,16 @@ def accumulate(momenta: list[Tensor], grads: list[Tensor], dtype: torch.dtype,
 
 
 def _all_finite(t: Tensor) -> Tensor:
-    """Per matrix (over the last two dims), whether every element is finite.
+    """Per matrix (over the last two dims), whether every element is finite; on the device."""
+    return torch.isfinite(t).flatten(-2).all(-1)
 
-    A sum is finite exactly when its terms are, unless it overflows; only then is the exact (and
-    several times slower) elementwise test run.
-    """
-    ok = torch.isfinite(t.sum((-2, -1)))
-    if any_true(~ok):
-        ok = torch.isfinite(t).flatten(-2).all(-1)
-    return ok
+
+def _fits(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per matrix, whether every element is finite once cast to ``dtype`` (max |t| <= its largest
+    value; NaN compares false). One reduction, on the device."""
+    if t.numel() == 0:  # a max-norm over nothing is undefined; an empty block fits
+        return torch.ones(t.shape[:-2], dtype=torch.bool, device=t.device)
+    return torch.linalg.vector_norm(t, math.inf, dim=(-2, -1)) <= torch.finfo(dtype).max
 
 
 def _gemm(out: Tensor, C: Tensor, X: Tensor, Y: Tensor, beta: float, alpha: float) -> None:
@@ -162,12 +164,10 @@ class DionStep:
     Every field has the batch's leading dims; ``i`` below indexes them (an int, or a tuple that
     picks one matrix inside a stacked parameter). The weight update direction is ``P @ Q.mT``.
     ``ok`` is False where a non-finite value appeared (or the new momentum would overflow its
-    storage dtype); such entries must not be written. ``moved`` is False where B has no
-    direction (all-zero momentum and gradient): P is zero there and Q is the old Q.
-
-    The new momentum B - (1 - mu) P_fb R_own^T is either already formed in ``M`` (B's storage,
-    when it is stored in another dtype than the math's or the products run in ``matmul_dtype``)
-    or formed only when written (:meth:`write_momentum`), straight into the state.
+    storage dtype); the writes below leave such entries unchanged, decided on the device (P is
+    zero and Q the old Q there). ``moved`` is False where B has no direction (all-zero momentum
+    and gradient): P is zero there and Q is the old Q. The new momentum
+    B - (1 - mu) P_fb R_own^T is formed in ``M`` (B's storage).
     """
 
     P: Tensor
@@ -178,42 +178,26 @@ class DionStep:
     P_fb: Tensor
     R_own: Tensor
     mu: float
-    M: Tensor | None = None
+    M: Tensor
     matmul_dtype: torch.dtype | None = None
     Q_next: Tensor | None = None  # the next step's Q where it is not the update's (polar_q)
 
     def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
-        """out = B[i] - (1 - mu) P R_own^T, for ``out`` a canonical view of the momentum.
-
-        Unless already formed, computed in whichever orientation ``out`` is stored in, so the
-        gemm writes it in place instead of into a temporary that is then copied.
-        """
-        if self.M is not None:
-            out.copy_(self.M[i])
-            return
-        alpha = -(1 - self.mu)
-        B, P, R = self.B[i], self.P_fb[i], self.R_own[i]
-        flip = _contiguous_orientation(out)
-        if out.dtype != B.dtype or flip is None:
-            new = torch.empty_like(B)
-            _gemm(new, B, P, R.mT, 1.0, alpha)
-            out.copy_(new)
-        elif flip:
-            _gemm(out.mT, B.mT, R, P.mT, 1.0, alpha)
-        else:
-            _gemm(out, B, P, R.mT, 1.0, alpha)
+        """out = B[i] - (1 - mu) P R_own^T where ``ok``, for ``out`` a canonical view of the
+        momentum (unchanged where not ``ok``)."""
+        masked_copy_(out, self.M[i], self.ok[i][..., None, None])
 
     def apply_update(self, i: int | tuple[int, ...], A: Tensor, alpha: float,
                      decay: float) -> None:
-        """A = decay * A + alpha * P Q^T for ``A`` a canonical view of the weight, in place.
-
-        One gemm with beta = decay replaces the scaling pass, the (a, b) product and the add
-        (where A's dtype is the product's).
-        """
+        """A = decay * A + alpha * P Q^T where ``ok``, for ``A`` a canonical view of the weight,
+        in place (P is zero where not ``ok``; the decay is masked on the device)."""
         P, Q = self.P[i], self.Q[i]
         if self.matmul_dtype is not None:
             P, Q = P.to(self.matmul_dtype), Q.to(self.matmul_dtype)
-        _add_product(A, P, Q.mT, alpha, decay)
+        if decay != 1:
+            keep = torch.full((), decay, dtype=A.dtype, device=A.device)
+            A.mul_(torch.where(self.ok[i], keep, 1.0)[..., None, None])
+        _add_product(A, P, Q.mT, alpha)
 
 
 def direction_tolerance(a: int, b: int, dtype: torch.dtype,
@@ -321,25 +305,25 @@ def dion_update(
     # direction at all: P is zero there and Q stays the old Q. Decided without the host.
     direction = norm_sq > (tol * tol) * norm_sq.amax(-1, keepdim=True)
     moved = direction.any(-1)
-    Q_out = torch.where(moved[..., None, None], Q, Q_old)
+    # The new momentum, formed in B's storage (B is not needed after this) so that what will be
+    # written can be checked in the dtype it will be written in, then copied where ok.
+    M = B
+    if low is None:
+        _add_product(M, P, R_own.mT, -(1 - mu))
+    else:
+        M.add_(P.to(low) @ R_own.to(low).mT, alpha=-(1 - mu))
+    if momentum_dtype is not None and momentum_dtype != B.dtype:
+        ok = ok & _fits(M, momentum_dtype)
+    # Where not ok, P (and polar_q's update Q) are zero and Q keeps its old value, on the device.
+    okb = ok[..., None, None]
+    Q_out = torch.where((ok & moved)[..., None, None], Q, Q_old)
     Q_next = None
     if polar_q:  # directions are R's singular vectors, not its columns
-        P_out = P * moved[..., None, None]
-        Q_next, Q_out = Q_out, R @ _inverse_sqrt(gram, eps, tol).to(R.dtype)
+        P_out = torch.where(okb, P * moved[..., None, None], 0.0)
+        Q_next = Q_out
+        Q_out = torch.where(okb, R @ _inverse_sqrt(gram, eps, tol).to(R.dtype), 0.0)
     else:
-        P_out = P * direction.unsqueeze(-2)
-    M = None
-    if low is not None or momentum_dtype not in (None, B.dtype):
-        # formed now, in B's storage (B is not needed after this), so that what will be written
-        # can be checked in the dtype it will be written in
-        M = B
-        if low is None:
-            _add_product(M, P, R_own.mT, -(1 - mu))
-        else:
-            M.add_(P.to(low) @ R_own.to(low).mT, alpha=-(1 - mu))
-        if momentum_dtype is not None and momentum_dtype != B.dtype:
-            largest = torch.linalg.vector_norm(M, math.inf, dim=(-2, -1))
-            ok = ok & (largest <= torch.finfo(momentum_dtype).max)
+        P_out = torch.where(okb, P * direction.unsqueeze(-2), 0.0)
     return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu, M=M,
                     matmul_dtype=low, Q_next=Q_next)
 
