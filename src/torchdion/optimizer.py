@@ -580,11 +580,11 @@ class Dion(Optimizer):
             state = self.state[p]
             state["step"] += 1
             M = plan.canonical(self._local_matrix(state["momentum"], group))
-            Q = local_tensor(state["Q"]) if isinstance(res, DionStep) else None  # Dion2: none
             A = plan.canonical(self._local_matrix(p, group))
-            if Q is not None:
+            if isinstance(res, DionStep):  # Dion2 keeps no Q
                 # Dion: all matrices of a stack at once, the writes masked on the device
                 res.write_momentum(i, M)
+                Q = local_tensor(state["Q"])
                 Q.copy_((res.Q if res.Q_next is None else res.Q_next)[i])
                 res.apply_update(i, A, alpha, 1 - lr * wd)
                 continue
