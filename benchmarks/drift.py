@@ -61,7 +61,8 @@ def mean_r_update(*args, **kwargs):
             request = gen.send(answer)
         except StopIteration as stop:
             result = stop.value
-            if mean_r is not None:
+            if mean_r is not None:  # the step formed M = B - (1 - mu) P R_own^T: swap in mean R
+                result.M.add_(result.P_fb @ (mean_r - result.R_own).mT, alpha=-(1 - result.mu))
                 result.R_own = mean_r
             return result
 

@@ -22,9 +22,10 @@ import torchdion
 
 NAMES = ("lr", "mu", "rank_fraction", "rank_multiple_of", "weight_decay", "betas", "eps",
          "power_iters", "orthonormalize", "lr_scale", "algorithm", "flatten", "state_dtype",
-         "nesterov", "polar_q", "direction_tol")
+         "nesterov", "polar_q", "direction_tol", "stacked", "matmul_dtype", "ns_steps")
 CHOICES = {"orthonormalize": ("qr", "cholesky", "randomized"),
-           "lr_scale": ("spectral", "rms", "muon", "none"), "algorithm": ("dion", "adamw", "lion")}
+           "lr_scale": ("spectral", "rms", "muon", "none"),
+           "algorithm": ("dion", "dion2", "muon", "adamw", "lion")}
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32,
           torch.int64, torch.bool, torch.complex64, torch.uint8)
 
@@ -48,7 +49,7 @@ def valid(name: str, x) -> bool:
         return _number(x) and 0 <= x < 1
     if name == "rank_fraction":
         return _number(x) and 0 < x <= 1
-    if name in ("rank_multiple_of", "power_iters"):
+    if name in ("rank_multiple_of", "power_iters", "ns_steps"):
         return _int(x) and x >= 1
     if name in ("weight_decay", "eps"):
         return _number(x) and x >= 0
@@ -57,12 +58,14 @@ def valid(name: str, x) -> bool:
                 and all(_number(b) and 0 <= b < 1 for b in x))
     if name in CHOICES:
         return isinstance(x, str) and x in CHOICES[name]
-    if name in ("flatten", "nesterov", "polar_q"):
+    if name in ("flatten", "stacked", "nesterov", "polar_q"):
         return isinstance(x, bool)
     if name == "direction_tol":
         return _number(x) and 0 <= x < 1
     if name == "state_dtype":
         return x is None or (isinstance(x, torch.dtype) and x.is_floating_point)
+    if name == "matmul_dtype":
+        return x is None or x in (torch.bfloat16, torch.float16, torch.float32)
     raise AssertionError(name)
 
 
@@ -159,11 +162,13 @@ def test_fuzzed_group_that_fails_changes_nothing(group, shape):
     group.pop("params", None)
     group.pop("param_names", None)
     bad = {k for k, v in group.items() if k in NAMES and not valid(k, v)}
-    algorithm = group.get("algorithm", "dion")
-    flatten = group.get("flatten", False)
-    shape_bad = algorithm == "dion" and (len(shape) == 1 or 0 in shape
-                                         or (len(shape) > 2 and flatten is not True))
-    if not unknown and not bad and not shape_bad:
+    matrix = group.get("algorithm", "dion") in ("dion", "dion2", "muon")
+    flatten, stacked = group.get("flatten", False) is True, group.get("stacked", False) is True
+    # stacked excludes flatten, and is Dion's only: refused already for the good matrix [0]
+    combo_bad = matrix and stacked and (flatten or group.get("algorithm", "dion") != "dion")
+    shape_bad = matrix and (len(shape) == 1 or 0 in shape
+                            or (len(shape) > 2 and not flatten and not stacked))
+    if not unknown and not bad and not combo_bad and not shape_bad:
         return  # a valid group: covered by test_group_added_after_steps_trains
     ps, opt, _ = _trained()
     twin_ps, twin, _ = _trained()
@@ -178,6 +183,8 @@ def test_fuzzed_group_that_fails_changes_nothing(group, shape):
         assert any(repr(k) in msg for k in unknown), msg
     elif bad:
         assert _named(msg, "param_groups[2].") in bad, (msg, bad)
+    elif combo_bad:
+        assert "parameter param_groups[2]['params'][0]" in msg, msg
     else:
         assert "Dion parameter param_groups[2]['params'][1]" in msg, msg
     _assert_same(before, _snapshot(opt))
