@@ -115,7 +115,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def dion_flops(layers: int, rank_fraction: float) -> float:
     total = 0.0
     for m, n in BLOCK_SHAPES:
-        r = torchdion.update.dion_rank(min(m, n), rank_fraction, 1)
+        r = torchdion.matrix_plan.dion_rank(min(m, n), rank_fraction, 1)
         total += layers * 8.0 * m * n * r
     return total
 
@@ -134,7 +134,7 @@ def matmul_probes(layers: int, device: torch.device, dtype: torch.dtype = torch.
         work, flops = [], 0.0
         for m, n in BLOCK_SHAPES:
             B = operands[(max(m, n), min(m, n))]
-            r = torchdion.update.dion_rank(B.shape[-1], f, 1)
+            r = torchdion.matrix_plan.dion_rank(B.shape[-1], f, 1)
             Q = torch.randn(layers, B.shape[-1], r, generator=gen).to(device, dtype)
             work.append((B, Q, torch.empty(layers, B.shape[-2], r, device=device, dtype=dtype)))
             flops += 2.0 * layers * B.shape[-2] * B.shape[-1] * r
@@ -159,7 +159,7 @@ def orthonormalize_probes(layers: int, device: torch.device):
         work = []
         for m, n in BLOCK_SHAPES:
             a, b = max(m, n), min(m, n)
-            r = torchdion.update.dion_rank(b, f, 1)
+            r = torchdion.matrix_plan.dion_rank(b, f, 1)
             P = torch.randn(layers, r, a, generator=gen).to(device).mT  # column-major, as in Dion
             sketch = sketch_matrix(sketch_rows(r, a), a, 0, 1, device, torch.float32)
             work.append((P, sketch))
