@@ -236,11 +236,13 @@ def test_step_reads_nothing_back_from_the_device(monkeypatch, matmul_dtype):
     """In the steady state, with a non-finite gradient among the others, every decision (skip,
     zero momentum, Cholesky shift) is made on the device; the skips are counted there too."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(24, 8), (8, 24), (16, 16), (12,), (5,)]
+    shapes = [(24, 8), (8, 24), (16, 16), (12,), (5,), (12, 6), (12, 6), (6, 10)]
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     opt = torchdion.Dion([{"params": ps[:3], "rank_fraction": 0.5},
                           {"params": [ps[3]], "algorithm": "adamw"},
-                          {"params": [ps[4]], "algorithm": "lion"}],
+                          {"params": [ps[4]], "algorithm": "lion"},
+                          {"params": ps[5:7], "algorithm": "dion2", "rank_fraction": 0.5},
+                          {"params": [ps[7]], "algorithm": "muon", "nesterov": True}],
                          lr=0.05, matmul_dtype=matmul_dtype)
     for _ in range(2):
         for p in ps:
@@ -252,14 +254,18 @@ def test_step_reads_nothing_back_from_the_device(monkeypatch, matmul_dtype):
     opt.state[ps[2]]["momentum"].zero_()  # no direction: no update, Q kept
     ps[0].grad[1, 1] = float("nan")
     ps[3].grad[0] = float("inf")
+    ps[5].grad[2, 3] = float("nan")  # Dion2: this matrix skipped, its batch-mate stepped
     before = [p.detach().clone() for p in ps]
     with monkeypatch.context() as m:
         m.setattr(torch.Tensor, "tolist", _no_tolist)
         m.setattr(torch.Tensor, "numpy", _no_tolist)
         with _NoHostReads():
             opt.step()
-    assert opt.nonfinite_skips == 2
+    assert opt.nonfinite_skips == 3
     assert torch.equal(ps[0].detach(), before[0]) and torch.equal(ps[3].detach(), before[3])
+    assert torch.equal(ps[5].detach(), before[5])
+    assert not torch.equal(ps[6].detach(), before[6])
+    assert not torch.equal(ps[7].detach(), before[7])
     assert not torch.equal(ps[1].detach(), before[1])
     assert not torch.equal(ps[4].detach(), before[4])
     assert all(p.isfinite().all() for p in ps)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .masks import masked_copy_
 from .reduce import Reduce
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -94,23 +95,28 @@ class Dion2Step:
     ok: Tensor
     mu: float
 
-    def _mine(self, i: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        own = self.own[i]
-        return self.local[i][own], own
-
     def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
-        """out = B[i] with its selected columns times mu, for ``out`` a canonical view."""
-        cols, _ = self._mine(i)
-        out.copy_(self.B[i])
-        out.index_copy_(-1, cols, (self.mu * self.B[i][:, cols]).to(out.dtype))
+        """out = B[i] with its selected columns times mu where ``ok[i]`` (else unchanged), for
+        ``out`` a canonical view. Decided on the device: the selected columns not on this rank
+        get factor 1 (a product, so their clamped local index cannot clash with an owned one)."""
+        if not out.shape[-1]:  # no columns here (an empty shard): nothing to write
+            return
+        mu = torch.full((), self.mu, dtype=self.B.dtype, device=self.B.device)
+        factor = torch.where(self.own[i], mu, 1.0)
+        scale = torch.ones(self.B.shape[-1], dtype=self.B.dtype, device=self.B.device)
+        scale.scatter_reduce_(-1, self.local[i], factor, reduce="prod")
+        masked_copy_(out, self.B[i] * scale, self.ok[i])
 
     def apply_update(self, i: int | tuple[int, ...], A: Tensor, alpha: float,
                      decay: float) -> None:
-        """A = decay * A, then A[:, J] += alpha * U on this rank's selected columns, in place."""
-        cols, own = self._mine(i)
-        if decay != 1:
-            A.mul_(decay)
-        A.index_add_(-1, cols, self.U[i][:, own].to(A.dtype), alpha=alpha)
+        """A = decay * A, then A[:, J] += alpha * U on this rank's selected columns, in place,
+        where ``ok[i]`` (else unchanged). Columns not on this rank add zero."""
+        if not A.shape[-1]:
+            return
+        new = A * decay if decay != 1 else A.clone()
+        U = self.U[i] * self.own[i].to(self.U.dtype)
+        new.index_add_(-1, self.local[i], U.to(A.dtype), alpha=alpha)
+        masked_copy_(A, new, self.ok[i])
 
 
 def select_columns(norms: Tensor, k: int) -> Tensor:

@@ -581,20 +581,12 @@ class Dion(Optimizer):
             state["step"] += 1
             M = plan.canonical(self._local_matrix(state["momentum"], group))
             A = plan.canonical(self._local_matrix(p, group))
+            # All matrices of a stack at once, the writes masked on the device by ``ok``
+            res.write_momentum(i, M)
             if isinstance(res, DionStep):  # Dion2 keeps no Q
-                # Dion: all matrices of a stack at once, the writes masked on the device
-                res.write_momentum(i, M)
                 Q = local_tensor(state["Q"])
                 Q.copy_((res.Q if res.Q_next is None else res.Q_next)[i])
-                res.apply_update(i, A, alpha, 1 - lr * wd)
-                continue
-            # Dion2 and Muon: the host reads the flags; where some met a non-finite value, only
-            # the others are written
-            ok = res.ok[i]
-            for j in [()] if bool(ok.all()) else [tuple(j) for j in ok.nonzero().tolist()]:
-                matrix = (i, *j)
-                res.write_momentum(matrix, M[j])
-                res.apply_update(matrix, A[j], alpha, 1 - lr * wd)
+            res.apply_update(i, A, alpha, 1 - lr * wd)
 
     def _elementwise_phase(self, group: dict[str, Any], params: list[Tensor],
                            grads: dict[Tensor, Tensor]):
