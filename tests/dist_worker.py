@@ -73,6 +73,8 @@ def batches(start=0, stop=STEPS):
 
 # "dion-options": Dion with its quality options all on, each of which must stay exact everywhere
 OPTIONS = dict(nesterov=True, polar_q=True, direction_tol=0.05, lr_scale="muon")
+# "dion-bf16": Dion's four big products in bf16 (matmul_dtype); close to one device, not exact
+BF16 = dict(matmul_dtype=torch.bfloat16)
 
 
 def make_opt(model, rank_fraction, method, algorithm="dion", **kw):
@@ -82,6 +84,8 @@ def make_opt(model, rank_fraction, method, algorithm="dion", **kw):
                     nesterov=algorithm == "muon")
     if algorithm == "dion-options":
         matrices.update(OPTIONS, algorithm="dion")
+    if algorithm == "dion-bf16":
+        matrices.update(BF16, algorithm="dion")
     groups = torchdion.param_groups(model, dion=matrices)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
@@ -108,6 +112,14 @@ def reference(rank_fraction, method, algorithm="dion"):
 
 def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def update_err(params, ref_params) -> float:
+    """The largest difference of the weight change over the run, X_T - X_0, relative to the
+    reference's change, over the Dion matrices (2-D parameters)."""
+    start = dict(make_net().named_parameters())
+    return max(rel_err(params[n] - start[n].detach(), ref_params[n] - start[n].detach())
+               for n in params if params[n].ndim == 2)
 
 
 # ------------------------------------------------------------------ layouts
@@ -239,7 +251,10 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
     return out
 
 
-def run_scenario(name, build, world, rank, rank_fraction, method, ref, algorithm="dion"):
+def run_scenario(name, build, world, rank, rank_fraction, method, ref, algorithm="dion",
+                 exact=None):
+    """``exact``: a second one-device reference (bf16 products: the fp64 one) the weight change
+    is also compared with."""
     model, kw, rows = build(world, rank)
     opt = make_opt(model, rank_fraction, method, algorithm, **kw)
     per_step = []
@@ -249,12 +264,13 @@ def run_scenario(name, build, world, rank, rank_fraction, method, ref, algorithm
         opt.step()
         per_step.append(opt.comm_stats())
     ref_params, ref_momenta = ref
-    errs, mom_errs, local_params = {}, {}, {}
+    errs, mom_errs, local_params, full_params = {}, {}, {}, {}
     replica = None if kw.get("gradients_synchronized") else kw.get("replicate_group")
     replica = replica.get_group() if hasattr(replica, "get_group") else replica
     for n, p in model.named_parameters():
         n = n.removeprefix("module.")
-        errs[n] = rel_err(full(p.detach()), ref_params[n])
+        full_params[n] = full(p.detach())
+        errs[n] = rel_err(full_params[n], ref_params[n])
         local_params[n] = (p.to_local() if isinstance(p, DTensor) else p).detach()
         if n in ref_momenta:
             mom = opt.state[p]["momentum"]
@@ -293,7 +309,8 @@ def run_scenario(name, build, world, rank, rank_fraction, method, ref, algorithm
         expected_elements=expected, measured_elements=measured,
         largest_fraction=max(s["largest_matrix_fraction"] for s in per_step),
         bytes=per_step[-1]["bytes"], collectives=per_step[-1]["collectives"],
-        nonfinite_skips=opt.nonfinite_skips,
+        nonfinite_skips=opt.nonfinite_skips, update_err=update_err(full_params, ref_params),
+        update_err_exact=None if exact is None else update_err(full_params, exact[0]),
     )
 
 
@@ -754,11 +771,17 @@ def main() -> None:
               ("dion", 0.5, "cholesky"), ("dion", 0.25, "randomized"), ("dion", 0.25, "cholesky"),
               ("dion2", 0.25, "randomized"), ("muon", 1.0, "randomized"),
               ("dion-options", 0.25, "randomized")]
+    refs = {}
     for algorithm, rank_fraction, method in combos:
-        ref = reference(rank_fraction, method, algorithm)
+        ref = refs[algorithm, rank_fraction, method] = reference(rank_fraction, method, algorithm)
         for name, build in LAYOUTS[world].items():
             results.append(run_scenario(name, build, world, rank, rank_fraction, method, ref,
                                         algorithm))
+    # bf16 products on every layout: against one device with bf16 products and against fp64
+    ref = reference(0.25, "randomized", "dion-bf16")
+    for name, build in LAYOUTS[world].items():
+        results.append(run_scenario(name, build, world, rank, 0.25, "randomized", ref,
+                                    "dion-bf16", exact=refs["dion", 0.25, "randomized"]))
     results.append(extra_checks(world, rank))
     results += moe_checks(world, rank, ckpt)
     if world == 4:
