@@ -42,22 +42,25 @@ VARIANTS = {
     "muon scale": dict(lr_scale="muon"),
     "nesterov+polar+muon scale": dict(nesterov=True, polar_q=True, lr_scale="muon"),
     "tol 0.1": dict(direction_tol=0.1),
+    "tol 0.01": dict(direction_tol=0.01),
     "nesterov+muon scale": dict(nesterov=True, lr_scale="muon"),
     "nesterov+polar": dict(nesterov=True, polar_q=True),
 }
+VARIANT_RANKS = ("1", "1/4", "1/16")
 # (name, optimizer, rank fraction, Dion options)
 ARMS = [("AdamW", "adamw", 1.0, {}), ("Muon", "muon", 1.0, {})]
 ARMS += [(f"Dion r={k}", "dion", rf, {}) for k, rf in RANKS.items()]
 ARMS += [("Dion2 1/4", "dion2", 0.25, {}), ("Dion2 1/16", "dion2", 0.0625, {}),
          ("Muon (torchdion)", "muon-torchdion", 1.0, {})]
 ARMS += [(f"Dion r={k} {v}", "dion", RANKS[k], opts) for v, opts in VARIANTS.items()
-         for k in ("1", "1/4", "1/16")]
+         for k in VARIANT_RANKS]
 BASELINE = [name for name, _, _, opts in ARMS if not opts]  # what a run without --arms runs
 ARMS += [("Dion r=1/4, bf16 matmuls", "dion", 0.25, {})]
 # Trainer settings beyond the optimizer's, and arms that sweep fewer lrs (around the best lr of
 # the arm they vary) to keep the run short.
 ARM_SETTINGS = {"Dion r=1/4, bf16 matmuls": dict(matmul_dtype="bf16")}
 ARM_LRS = {"Dion r=1/4, bf16 matmuls": [0.01, 0.02, 0.04]}
+ARM_LRS.update({name: [0.01, 0.02, 0.04] for name, _, _, opts in ARMS if opts})
 MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
 ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
 
@@ -95,6 +98,11 @@ def run_one(cfg: TrainConfig, cached_only: bool = False) -> dict | None:
     return result
 
 
+def lowest(runs: list) -> dict:
+    """The run with the lowest final loss (a diverged run counts as worst)."""
+    return min(runs, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+
+
 def steps_to(curve: list, target: float) -> float:
     return next((step for step, loss in curve if loss <= target), math.nan)
 
@@ -119,6 +127,10 @@ def main(argv=None) -> None:
                         "(default: AdamW's best lr in the results directory)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help=f"the matrix lr grid (default {MATRIX_LRS})")
+    p.add_argument("--lrs-from", default=None,
+                   help="a convergence.json: each arm runs only its best lr there (and the "
+                        "AdamW lr of the element-wise parameters is AdamW's best there): the "
+                        "longer horizon at the short run's lrs")
     p.add_argument("--arms", nargs="+", choices=[name for name, *_ in ARMS], default=None,
                    help="run only these arms; the others are read from the results directory's "
                         "convergence.json (AdamW's best lr from there sets the element-wise lr)")
@@ -147,12 +159,22 @@ def main(argv=None) -> None:
         earlier = json.loads((out / "convergence.json").read_text())["arms"]
         results = {n: a for n, a in earlier.items() if n not in args.arms}
         adam_lr = earlier["AdamW"]["best_lr"] if "AdamW" in results else adam_lr
+    best_lrs = {}
+    if args.lrs_from:
+        best_lrs = {n: a["best_lr"] for n, a in
+                    json.loads(Path(args.lrs_from).read_text())["arms"].items()}
+        adam_lr = best_lrs.get("AdamW", adam_lr)
     adam_lr = args.adam_lr or adam_lr
     for name, kind, rf, opts in sorted(ARMS, key=lambda arm: chosen.index(arm[0])
                                        if arm[0] in chosen else len(chosen)):
         if name in results or name not in chosen:  # in the order asked for
             continue
-        lrs = adamw_lrs if kind == "adamw" else ARM_LRS.get(name, matrix_lrs)
+        if name in best_lrs:
+            lrs = [best_lrs[name]]
+        elif kind == "adamw":
+            lrs = adamw_lrs
+        else:  # an explicit --lrs over the arm's own grid
+            lrs = args.lrs or ARM_LRS.get(name, matrix_lrs)
         arm = replace(base, optimizer=kind, rank_fraction=rf, adam_lr=adam_lr,
                       dion_options=dict(opts), **ARM_SETTINGS.get(name, {}))
         tag = (name.replace(" ", "").replace("/", "_").replace("=", "").replace("+", "_")
@@ -168,7 +190,17 @@ def main(argv=None) -> None:
                   f"val {sweep[-1]['val_loss']:.4f}", flush=True)
         if not sweep:
             continue
-        best = min(sweep, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else 1e9)
+        best = lowest(sweep)
+        if len(lrs) >= 3 and best["lr"] in (min(lrs), max(lrs)):
+            # the best at the grid's edge: one more lr beyond it, so that the best is bracketed
+            lr = best["lr"] * 2 if best["lr"] == max(lrs) else best["lr"] / 2
+            run = run_one(replace(arm, lr=lr, seed=0, out=str(runs / tag / f"lr{lr}_s0")),
+                          args.cached_only)
+            if run is not None:
+                sweep = sorted(sweep + [run], key=lambda r: r["lr"])
+                print(f"[{time.time() - started:6.0f}s] {name} lr {lr:g} (beyond the grid): "
+                      f"val {run['val_loss']:.4f}", flush=True)
+                best = lowest(sweep)
         seeded = [best] + [
             run_one(replace(arm, lr=best["lr"], seed=s,
                             out=str(runs / tag / f"lr{best['lr']}_s{s}")), args.cached_only)
@@ -180,7 +212,8 @@ def main(argv=None) -> None:
         results[name] = dict(optimizer=kind, rank_fraction=rf, options=opts, sweep=sweep,
                              seeds=seeded,
                              best_lr=best["lr"], adam_lr=adam_lr if kind != "adamw" else None,
-                             at_edge=best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"]))
+                             at_edge=len(sweep) > 1
+                             and best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"]))
         if kind == "adamw":
             adam_lr = best["lr"]
 
@@ -239,9 +272,53 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
         spread = (f"{statistics.mean(finals):.4f} ± {std:.4f}" if len(finals) == seeds else
                   f"{statistics.mean(finals):.4f} ({len(finals)} seed{'s' * (len(finals) > 1)})")
         lines.append(f"| {name} | {a['best_lr']:g}{edge} | {spread} | {reach} | {sweep} |")
+    lines += variant_table(results, seeds)
     lines += ["", "![validation loss curves](convergence.png)", ""]
     (out / "convergence.md").write_text("\n".join(lines))
     plot(out / "convergence.png", results, target)
+
+
+def variant_table(results: dict, seeds: int) -> list[str]:
+    """Each option against Dion's defaults at the same rank: the issue's decision rule (a win
+    at every rank by more than the seeds' spread) as a table. Difference = default's mean minus
+    the variant's (positive: the variant ends lower); spread = the larger of the two stds."""
+    def stats(name):
+        finals = [r["val_loss"] for r in results[name]["seeds"]]
+        if len(finals) < seeds:
+            return None
+        return statistics.mean(finals), statistics.stdev(finals)
+
+    ranks = [k for k in VARIANT_RANKS if f"Dion r={k}" in results]
+    rows = []
+    for v in VARIANTS:
+        cells, wins = [], []
+        for k in ranks:
+            mine, default = f"Dion r={k} {v}", f"Dion r={k}"
+            got = stats(mine) if mine in results else None
+            if got is None:
+                cells.append("-" if mine not in results else "(< 3 seeds)")
+                wins.append(None)
+                continue
+            ref = stats(default)
+            diff, spread = ref[0] - got[0], max(ref[1], got[1])
+            cells.append(f"{diff:+.3f} ({spread:.3f})")
+            wins.append(diff > spread)
+        if all(w is None for w in wins):
+            continue
+        tested = [w for w in wins if w is not None]
+        verdict = ("yes" if all(tested) and len(tested) == len(ranks) else
+                   "no" if not all(tested) else "not every rank measured")
+        rows.append(f"| {v} | " + " | ".join(cells) + f" | {verdict} |")
+    if not rows:
+        return []
+    return ["", f"Options against the defaults (each arm at its own best lr, {seeds} seeds): "
+            "default's mean final loss minus the option's (positive: the option ends lower), "
+            "in brackets the larger of the two arms' seed stds. A win by more than the spread "
+            "at every rank is the issue's bar for a new default (with no loss at the longer "
+            "horizon).", "",
+            "| option | " + " | ".join(f"r = {k}" for k in ranks)
+            + " | wins at every rank |",
+            "| --- | " + " | ".join("---:" for _ in ranks) + " | --- |", *rows]
 
 
 def plot(path: Path, results: dict, target: float) -> None:

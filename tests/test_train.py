@@ -146,3 +146,21 @@ def test_convergence_benchmark_quick(tmp_path):
         assert all(r["val_loss"] < 4.0 for r in arm["seeds"])
     assert "| Dion r=1/8 |" in (tmp_path / "res" / "convergence.md").read_text()
     assert (tmp_path / "res" / "convergence.png").stat().st_size > 0
+    # an option's arms join the report, with the option-against-defaults row
+    variant = [f"Dion r={k} nesterov" for k in bench.VARIANT_RANKS]
+    bench.main(["--quick", "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"),
+                "--lrs", "0.04", "--arms", *variant])
+    report = json.loads((tmp_path / "res" / "convergence.json").read_text())
+    assert set(bench.BASELINE) | set(variant) == set(report["arms"])
+    row = next(line for line in (tmp_path / "res" / "convergence.md").read_text().splitlines()
+               if line.startswith("| nesterov |"))
+    assert row.endswith("| yes |") or row.endswith("| no |")
+    # the longer horizon: each arm at its best lr of the first report, nothing else
+    bench.main(["--quick", "--steps", "24", "--seeds", "1", "--out", str(tmp_path / "long"),
+                "--runs", str(tmp_path / "runs-long"), "--lrs-from",
+                str(tmp_path / "res" / "convergence.json"), "--arms", "AdamW", "Dion r=1/4"])
+    long = json.loads((tmp_path / "long" / "convergence.json").read_text())
+    for name in ("AdamW", "Dion r=1/4"):
+        assert [r["lr"] for r in long["arms"][name]["sweep"]] == [report["arms"][name]["best_lr"]]
+        assert long["arms"][name]["seeds"][0]["curve"][-1][0] == 24
+    assert long["arms"]["Dion r=1/4"]["adam_lr"] == report["arms"]["AdamW"]["best_lr"]
