@@ -554,6 +554,8 @@ class Dion(Optimizer):
                 options["C"] = plan.canonical(C)
             if group["polar_q"]:
                 options["polar_q"] = True
+            if matmul is not None:  # the bf16 copies and products reuse the workspace
+                options["scratch"] = workspace.on(device)
             gens.append(self.update(
                 plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
                 method=group["orthonormalize"],
