@@ -320,9 +320,11 @@ def dion_update(
     direction: it gives no update, though Q keeps it as the next step's starting vector.
 
     ``matmul_dtype`` (e.g. bf16): the four (a, b)-sized products B Q, B^T P, P R^T and P Q^T take
-    their inputs in that dtype (B is cast once); everything else (the orthonormalization of P,
-    the column norms, the momentum B - (1 - mu) P R^T and every state write) stays in B's dtype.
-    In fp16, whose range is small, B is scaled by 1 / max |B| before the cast and R unscaled.
+    their inputs in that dtype (B is cast once); so does the randomized sketch product S P
+    where the dtype has B's range (bf16), since it only preconditions. Everything else (the
+    Gram, Cholesky and triangular solves of P's orthonormalization, the column norms, the
+    momentum B - (1 - mu) P R^T and every state write) stays in B's dtype. In fp16, whose range
+    is small, B is scaled by 1 / max |B| before the cast and R unscaled.
     ``momentum_dtype``: the momentum's storage dtype; where it is not B's, the new momentum is
     formed here and an entry that would overflow it is not ``ok``.
     Using the replica's own R_i in the error feedback leaves the replicas' mean momentum exact
@@ -348,6 +350,8 @@ def dion_update(
     (the optimizer's Workspace, reused from step to step); by default they are allocated.
     """
     low = None if matmul_dtype in (None, B.dtype) else matmul_dtype
+    if sketch is not None and low is not None and torch.finfo(low).max >= torch.finfo(B.dtype).max:
+        sketch = sketch.to(low)  # bf16 has B's range: P needs no scaling for the sketch product
     Bm, unscale = _for_products(B, low, scratch)
     Dm, unscale_d = (Bm, unscale) if C is None else _for_products(C, low, scratch)
     Q_old = Q
