@@ -173,6 +173,62 @@ def orthonormalize_probes(layers: int, device: torch.device):
     return runs
 
 
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_",
+           "aten::baddbmm_"}
+
+
+def profile_step(opt: torch.optim.Optimizer, device: torch.device) -> dict[str, tuple[float, int]]:
+    """Where one step's time goes: {category: (self time in seconds, op calls)}.
+
+    An operand is "full" when both of its last two dims are at least the blocks' short side
+    (768), i.e. (a, b)-sized rather than a thin (a, r) factor at rank < 1. Matmuls with a full
+    operand are the big products; other matmuls and the linalg ops are the orthonormalization
+    of P (its sketch, Gram, QR, Cholesky and solves, and drawing the sketch); the rest are
+    element-wise passes, over full matrices or thin factors. "Python and dispatch" is the
+    step's own time outside every op.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    short = min(min(shape) for shape in BLOCK_SHAPES)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=True) as prof:
+        opt.step()
+        sync(device)
+    out: dict[str, list[float]] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        full = any(len(s) >= 2 and min(s[-2:]) >= short for s in e.input_shapes
+                   if isinstance(s, list))
+        if e.key.startswith("Optimizer.step"):
+            cat = "Python and dispatch"
+        elif e.key in MATMULS:
+            cat = "big products (8 a b r)" if full else "orthonormalization of P"
+        elif e.key.startswith("aten::linalg") or e.key in ("aten::normal_", "aten::tril",
+                                                            "aten::triu"):
+            cat = "orthonormalization of P"
+        elif e.key.startswith("aten::") and full:
+            cat = "element-wise passes over (a, b)"
+        elif e.key.startswith("aten::") and e.input_shapes and any(e.input_shapes):
+            cat = "element-wise over thin factors"
+        else:
+            continue  # views and wrappers: their children are counted
+        t = (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total) / 1e6
+        acc = out.setdefault(cat, [0.0, 0])
+        acc[0] += t
+        acc[1] += e.count
+    return {k: (v[0], int(v[1])) for k, v in sorted(out.items(), key=lambda kv: -kv[1][0])}
+
+
+def profile_table(name: str, parts: dict[str, tuple[float, int]]) -> str:
+    total = sum(t for t, _ in parts.values())
+    lines = [f"Where one step of {name} goes (torch.profiler, self time by category; "
+             f"profiled {fmt_time(total)}):", "",
+             "| category | time | share | op calls |", "|---|---|---|---|"]
+    lines += [f"| {k} | {fmt_time(t)} | {t / total:.0%} | {n} |" for k, (t, n) in parts.items()]
+    return "\n".join(lines)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -204,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dion-options", default=None, metavar="JSON",
                     help='also time Dion with these options at every rank, e.g. '
                          '\'{"nesterov": true}\'')
+    ap.add_argument("--profile", default="Dion rank 1/4 bf16", metavar="ARM",
+                    help="after timing, break one step of this arm down by category "
+                         "('' for none)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -342,10 +401,17 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print()
     print(info)
+    breakdown = ""
+    if args.profile in arms:
+        breakdown = profile_table(args.profile, profile_step(arms[args.profile], device))
+        print()
+        print(breakdown)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             f.write(table + "\n\n" + info.replace("\n", "  \n") + "\n")
+            if breakdown:
+                f.write("\n" + breakdown + "\n")
 
 
 def _dion_name(f: float) -> str:

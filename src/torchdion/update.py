@@ -401,7 +401,7 @@ def dion_update(
         Q_next = Q_out
         Q_out = torch.where(okb, R @ _inverse_sqrt(gram, eps, tol).to(R.dtype), 0.0)
     else:
-        P_out = torch.where(okb, P * direction.unsqueeze(-2), 0.0)
+        P_out = torch.where(okb & direction.unsqueeze(-2), P, 0.0)
     return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu, M=M,
                     matmul_dtype=low, Q_next=Q_next, low_buf=None if low is None else Bm,
                     convert_buf=convert_buf)
