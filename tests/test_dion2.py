@@ -174,10 +174,10 @@ def test_nonfinite_is_flagged_on_every_rank(bad, row_parts, col_parts):
 # ----------------------------------------------------------------- through torchdion.Dion
 
 
-def _optimizer_and_reference(m, n, algorithm, *, fraction=0.5, seed=0, **kw):
+def _optimizer_and_reference(m, n, algorithm, *, fraction=0.5, seed=0, device="cpu", **kw):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(m, n, generator=gen, dtype=F64)
-    p = torch.nn.Parameter(X.clone())
+    p = torch.nn.Parameter(X.to(device, copy=True))
     opt = torchdion.Dion([p], lr=0.1, mu=0.9, algorithm=algorithm, rank_fraction=fraction,
                          weight_decay=0.1, **kw)
     ref = ReferenceDion2(X, lr=0.1, mu=0.9, fraction=1.0 if algorithm == "muon" else fraction,
@@ -188,13 +188,14 @@ def _optimizer_and_reference(m, n, algorithm, *, fraction=0.5, seed=0, **kw):
 @pytest.mark.parametrize("lr_scale", ["spectral", "muon", "rms"])
 @pytest.mark.parametrize("algorithm,fraction", [("dion2", 0.25), ("dion2", 0.5), ("muon", 0.25)])
 @pytest.mark.parametrize("m,n", [(16, 6), (6, 16), (7, 7)])
-def test_optimizer_matches_reference(m, n, algorithm, fraction, lr_scale):
+def test_optimizer_matches_reference(m, n, algorithm, fraction, lr_scale, device):
     nesterov = lr_scale == "muon"
     opt, p, ref, gen = _optimizer_and_reference(m, n, algorithm, fraction=fraction, seed=m + n,
-                                                lr_scale=lr_scale, nesterov=nesterov)
+                                                lr_scale=lr_scale, nesterov=nesterov,
+                                                device=device)
     for _ in range(4):
         G = torch.randn(m, n, generator=gen, dtype=F64)
-        p.grad = G.clone()
+        p.grad = G.to(device)
         opt.step()
         ref.step(G)
         assert rel_err(p, ref.X) < 1e-13
@@ -217,18 +218,18 @@ def test_update_touches_only_the_selected_slices():
     assert torch.equal(M[rest], G[rest]) and torch.allclose(M[moved], 0.9 * G[moved])
 
 
-def test_muon_matches_torch_optim_muon():
+def test_muon_matches_torch_optim_muon(device):
     """algorithm="muon", nesterov=True, lr_scale="muon" is torch.optim.Muon (whose Newton-Schulz
     runs in bf16: agreement to bf16's precision, far below the update itself)."""
     gen = torch.Generator().manual_seed(3)
     for m, n in [(24, 10), (10, 24)]:
-        X = torch.randn(m, n, generator=gen)
+        X = torch.randn(m, n, generator=gen).to(device)
         p, q = torch.nn.Parameter(X.clone()), torch.nn.Parameter(X.clone())
         ours = torchdion.Dion([p], lr=0.05, mu=0.9, weight_decay=0.1, algorithm="muon",
                               nesterov=True, lr_scale="muon", eps=1e-7)
         theirs = torch.optim.Muon([q], lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True)
         for _ in range(3):
-            G = torch.randn(m, n, generator=gen)
+            G = torch.randn(m, n, generator=gen).to(device)
             p.grad, q.grad = G.clone(), G.clone()
             ours.step()
             theirs.step()

@@ -27,10 +27,10 @@ def _same_state(a: dict, b: dict) -> bool:
                for k in a)
 
 
-def _mixed(dtype=torch.float32, **kw):
+def _mixed(dtype=torch.float32, device="cpu", **kw):
     """Two Dion matrices (tall, wide), an AdamW vector and a Lion vector."""
     gen = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype))
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(device))
           for s in [(8, 5), (3, 7), (6,), (4,)]]
     opt = torchdion.Dion(
         [{"params": ps[:2]}, {"params": [ps[2]], "algorithm": "adamw"},
@@ -40,26 +40,26 @@ def _mixed(dtype=torch.float32, **kw):
 
 def _grads(ps, gen):
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(8, 5), (5, 8), (1, 6), (6, 1), (4, 4)])
-def test_zero_gradient_gives_no_update_and_keeps_Q(shape, method):
-    p = torch.nn.Parameter(torch.randn(shape))
+def test_zero_gradient_gives_no_update_and_keeps_Q(shape, method, device):
+    p = torch.nn.Parameter(torch.randn(shape, device=device))
     opt = torchdion.Dion([p], weight_decay=0.0, orthonormalize=method)
     opt.step()  # no gradient: creates the state
     Q0 = opt.state[p]["Q"].clone()
     X0 = p.detach().clone()
     for _ in range(2):
-        p.grad = torch.zeros(shape)
+        p.grad = torch.zeros(shape, device=device)
         opt.step()
     assert torch.equal(p.detach(), X0)
     assert torch.equal(opt.state[p]["Q"], Q0)
     assert not opt.state[p]["momentum"].any()
     assert opt.nonfinite_skips == 0
     # a later real gradient still trains from the kept Q
-    p.grad = torch.randn(shape)
+    p.grad = torch.randn(shape, device=device)
     opt.step()
     assert not torch.equal(p.detach(), X0)
     assert torch.isfinite(opt.state[p]["Q"]).all()
@@ -113,8 +113,8 @@ def test_frozen_parameters_get_no_state():
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("which", [0, 1, 2, 3])
 @pytest.mark.parametrize("method", METHODS)
-def test_nonfinite_gradient_skips_that_parameter(bad, which, method):
-    ps, opt, gen = _mixed(orthonormalize=method)
+def test_nonfinite_gradient_skips_that_parameter(bad, which, method, device):
+    ps, opt, gen = _mixed(orthonormalize=method, device=device)
     _grads(ps, gen)
     opt.step()
     params, weights, state = _snapshot(opt)

@@ -24,8 +24,9 @@ OPTIONS = {
 @pytest.mark.parametrize("method", ["qr", "randomized"])
 @pytest.mark.parametrize("m,n,r", [(12, 5, 2), (5, 12, 5), (8, 8, 3), (24, 40, 24)])
 @pytest.mark.parametrize("name", OPTIONS)
-def test_options_match_reference(name, m, n, r, method):
-    opt, p, ref, gen = dion_and_reference(m, n, r, method, seed=m + n + r, **OPTIONS[name])
+def test_options_match_reference(name, m, n, r, method, device):
+    opt, p, ref, gen = dion_and_reference(m, n, r, method, seed=m + n + r, device=device,
+                                          **OPTIONS[name])
     _step_and_check(opt, p, ref, gen, 4)
 
 

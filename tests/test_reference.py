@@ -27,8 +27,9 @@ CASES = [(m, n, r) for m, n in SHAPES for r in _ranks(min(m, n))]
 
 
 def _check_matches(opt, p, ref, X0, tol=1e-8):
-    assert rel_err(p, ref.X) < tol * max(1.0, (ref.X - X0).norm().item() / ref.X.norm().item())
-    assert rel_err(p - X0, ref.X - X0) < tol
+    X = p.detach().cpu()
+    assert rel_err(X, ref.X) < tol * max(1.0, (ref.X - X0).norm().item() / ref.X.norm().item())
+    assert rel_err(X - X0, ref.X - X0) < tol
     assert rel_err(opt.state[p]["momentum"], ref.momentum) < tol
     Q = opt.state[p]["Q"]
     assert Q.shape == ref.Q.shape
@@ -40,7 +41,7 @@ def _step_and_check(opt, p, ref, gen, steps):
     X0 = ref.X.clone()
     for _ in range(steps):
         G = torch.randn(*p.shape, generator=gen, dtype=torch.float64)
-        p.grad = G.clone()
+        p.grad = G.to(p.device)
         opt.step()
         ref.step(G)
         _check_matches(opt, p, ref, X0)
@@ -48,8 +49,9 @@ def _step_and_check(opt, p, ref, gen, steps):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,n,r", CASES)
-def test_matches_reference(m, n, r, method):
-    opt, p, ref, gen = dion_and_reference(m, n, r, method, seed=m * 100 + n * 10 + r)
+def test_matches_reference(m, n, r, method, device):
+    opt, p, ref, gen = dion_and_reference(m, n, r, method, seed=m * 100 + n * 10 + r,
+                                          device=device)
     _step_and_check(opt, p, ref, gen, 4)
     assert opt.state[p]["step"] == 4
 
@@ -63,21 +65,22 @@ def test_matches_reference_lr_scale(m, n, lr_scale):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,n,r", [(16, 7, 3), (7, 16, 7)])
-def test_matches_reference_power_iters(m, n, r, method):
-    opt, p, ref, gen = dion_and_reference(m, n, r, method, power_iters=3)
+def test_matches_reference_power_iters(m, n, r, method, device):
+    opt, p, ref, gen = dion_and_reference(m, n, r, method, power_iters=3, device=device)
     _step_and_check(opt, p, ref, gen, 3)
 
 
-def test_float32_close_to_reference():
-    opt, p, ref, gen = dion_and_reference(20, 12, 6, "randomized", dtype=torch.float32)
+def test_float32_close_to_reference(device):
+    opt, p, ref, gen = dion_and_reference(20, 12, 6, "randomized", dtype=torch.float32,
+                                          device=device)
     X0 = ref.X.clone()
     for _ in range(3):
         G = torch.randn(20, 12, generator=gen, dtype=torch.float64)
-        p.grad = G.to(torch.float32)
+        p.grad = G.to(device, torch.float32)
         opt.step()
         ref.step(G.to(torch.float32).to(torch.float64))
     assert p.dtype == opt.state[p]["momentum"].dtype == opt.state[p]["Q"].dtype == torch.float32
-    assert rel_err(p - X0.float(), ref.X - X0) < 1e-4
+    assert rel_err(p.cpu() - X0.float(), ref.X - X0) < 1e-4
     assert rel_err(opt.state[p]["momentum"], ref.momentum) < 1e-4
 
 
@@ -131,29 +134,30 @@ def test_full_rank_direction_tends_to_polar_factor(m, n, method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("m,n,r", [(20, 9, 4), (9, 20, 4), (12, 12, 5), (1, 8, 1)])
-def test_error_feedback_and_orthonormal_P(m, n, r, method):
+def test_error_feedback_and_orthonormal_P(m, n, r, method, device):
     """Recover P from the weight change (P = D Q (Q^T Q)^-1, D = P Q^T) and check the step's
     identities: P^T P = I, Q = R / ||R||, M = B - (1 - mu) P R^T with R = B^T P."""
     mu, lr, wd, eps = 0.85, 0.1, 0.1, 1e-8
-    opt, p, _, gen = dion_and_reference(m, n, r, method, mu=mu, lr=lr, weight_decay=wd, eps=eps)
+    opt, p, _, gen = dion_and_reference(m, n, r, method, mu=mu, lr=lr, weight_decay=wd, eps=eps,
+                                        device=device)
     scale = math.sqrt(m / n)
     canon = (lambda t: t.T) if m < n else (lambda t: t)
     for _ in range(3):
         G = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        B = canon(opt.state[p]["momentum"] + G)
-        before = p.detach().clone()
-        p.grad = G
+        B = canon(opt.state[p]["momentum"].cpu() + G)
+        before = p.detach().to("cpu", copy=True)
+        p.grad = G.to(device)
         opt.step()
-        Q = opt.state[p]["Q"]
+        Q = opt.state[p]["Q"].cpu()
         assert Q.shape == (min(m, n), r)
-        D = canon(before * (1 - lr * wd) - p.detach()) / (lr * scale)  # = P Q^T
+        D = canon(before * (1 - lr * wd) - p.detach().cpu()) / (lr * scale)  # = P Q^T
         P = D @ Q @ torch.linalg.inv(Q.T @ Q)
         assert rel_err(P @ Q.T, D) < 1e-9
         assert (P.T @ P - torch.eye(r, dtype=P.dtype)).abs().max() < 1e-9
         R = B.T @ P
         assert rel_err(Q, R / (R.norm(dim=0) + eps)) < 1e-9
         torch.testing.assert_close(Q.norm(dim=0), torch.ones(r, dtype=Q.dtype))
-        M = canon(opt.state[p]["momentum"])
+        M = canon(opt.state[p]["momentum"].cpu())
         assert rel_err(M, B - (1 - mu) * P @ R.T) < 1e-9
 
 
@@ -197,12 +201,12 @@ def _conditioned(a: int, r: int, cond: float, dtype: torch.dtype) -> torch.Tenso
         ("cholesky", torch.float64, 1e3),
     ],
 )
-def test_orthonormalize_ill_conditioned(method, dtype, cond):
+def test_orthonormalize_ill_conditioned(method, dtype, cond, device):
     """Every method returns orthonormal columns spanning P's column space."""
     a, r = 64, 8
     P = _conditioned(a, r, cond, dtype)
-    sketch = sketch_matrix(a, a, 0, 1, "cpu", dtype)  # any k >= r rows will do
-    out = _run(orthonormalize(P[None], method, sketch))[0].to(torch.float64)
+    sketch = sketch_matrix(a, a, 0, 1, device, dtype)  # any k >= r rows will do
+    out = _run(orthonormalize(P[None].to(device), method, sketch))[0].cpu().to(torch.float64)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     assert (out.T @ out - torch.eye(r, dtype=torch.float64)).abs().max() < tol
     # same column space as P: projecting P onto span(out) loses nothing

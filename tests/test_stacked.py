@@ -90,10 +90,11 @@ def test_stacked_writes_in_either_storage_orientation():
 
 # ------------------------------------------------------------------ through the optimizer
 
-def _stacked_and_separate(E, m, n, rank_fraction, method, steps, poison=None, idle=None):
+def _stacked_and_separate(E, m, n, rank_fraction, method, steps, poison=None, idle=None,
+                          device="cpu"):
     """Step one (E, m, n) stacked parameter and E separate (m, n) ones on the same gradients."""
     gen = torch.Generator().manual_seed(3)
-    X0 = torch.randn(E, m, n, generator=gen, dtype=F64)
+    X0 = torch.randn(E, m, n, generator=gen, dtype=F64).to(device)
     stack = nn.Parameter(X0.clone())
     experts = [nn.Parameter(X0[e].clone()) for e in range(E)]
     kw = dict(lr=0.05, weight_decay=0.1, rank_fraction=rank_fraction, orthonormalize=method)
@@ -103,7 +104,7 @@ def _stacked_and_separate(E, m, n, rank_fraction, method, steps, poison=None, id
     for e, p in enumerate(experts):  # the separate ones start from the stack's Q
         opt_sep.state[p]["Q"].copy_(opt_stack.state[stack]["Q"][e])
     for s in range(steps):
-        G = torch.randn(E, m, n, generator=gen, dtype=F64)
+        G = torch.randn(E, m, n, generator=gen, dtype=F64).to(device)
         if idle is not None:
             G[idle] = 0  # an expert that never gets tokens
         if poison is not None and s == steps - 1:
@@ -118,9 +119,9 @@ def _stacked_and_separate(E, m, n, rank_fraction, method, steps, poison=None, id
 @pytest.mark.parametrize("m,n", [(12, 5), (5, 12), (8, 8)])
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.5, 0.25])
 @pytest.mark.parametrize("method", ["randomized", "qr"])
-def test_stacked_parameter_equals_separate_matrices(m, n, rank_fraction, method):
+def test_stacked_parameter_equals_separate_matrices(m, n, rank_fraction, method, device):
     stack, experts, opt_stack, opt_sep = _stacked_and_separate(
-        3, m, n, rank_fraction, method, steps=3, poison=2, idle=1)
+        3, m, n, rank_fraction, method, steps=3, poison=2, idle=1, device=device)
     b, r = min(m, n), dion_rank(min(m, n), rank_fraction, 1)
     assert opt_stack.state[stack]["Q"].shape == (3, b, r)
     assert opt_stack.nonfinite_skips == opt_sep.nonfinite_skips == 1  # expert 2 only
