@@ -222,8 +222,10 @@ def expected_elements(model, opt, rank_fraction, method, world) -> dict[str, int
                 k = lay.b if group["algorithm"] == "muon" else r
                 if syncs:
                     add("grad", local.numel())
-                if row > 1 or col > 1:
+                if group["algorithm"] == "dion2" and (row > 1 or col > 1):  # L1 column norms
                     add("norms", lay.b * ((row > 1) + (col > 1)))
+                if row > 1:  # ||N||_F^2
+                    add("norms", 1)
                 if col > 1:
                     add("select", a_loc * k)
                 if row > 1:

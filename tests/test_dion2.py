@@ -110,7 +110,8 @@ def test_sharded_equals_one_device(row_parts, col_parts, nesterov):
         a, b = max(m, n), min(m, n)
         k = math.ceil(0.5 * b)
         rows_local = -(-a // row_parts)  # the first rank's rows, as sent
-        expected = {"norms": b * ((row_parts > 1) + (col_parts > 1))}
+        # the column L1 norms, summed over both; ||N||_F^2 (one number) over the row shards
+        expected = {"norms": b * ((row_parts > 1) + (col_parts > 1)) + (row_parts > 1)}
         if col_parts > 1:
             expected["select"] = rows_local * k
         if row_parts > 1:

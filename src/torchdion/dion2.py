@@ -48,33 +48,33 @@ def newton_schulz(
 ) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
     """NS(N) for N (batch, rows, k) with rows >= k summed over row shards; returns (U, ok).
 
-    The first Gram also gives ||N||_F^2 (its trace), so normalizing costs no extra sum.
-    ``ok``: per batch entry, every Gram was finite (the same answer on every rank).
-    ``matmul_dtype``: dtype of the products (e.g. torch.bfloat16); the Grams are summed and the
-    polynomial applied in N's dtype.
+    ``ok``: per batch entry, ||N||_F^2 (one number summed over row shards) is finite: a NaN or
+    inf anywhere in N, or an overflow, shows in it, and every rank gets the same answer. The
+    iterates are normalized and stay bounded, so they need no check.
+    ``matmul_dtype`` (e.g. torch.bfloat16): the iterate U and every product are in that dtype,
+    as in torch.optim.Muon; each Gram is summed in N's dtype.
     """
     a, b, c = NS_COEFFICIENTS
-    low = matmul_dtype if matmul_dtype not in (None, N.dtype) else None
-
-    def cast(t: Tensor) -> Tensor:
-        return t if low is None else t.to(low)
-
-    # The first Gram is of the unnormalized N, so it stays in N's dtype (fp16 could overflow).
-    S = yield Reduce(N.mT @ N, ("row",), "gram")
-    norm = S.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt().clamp_min(eps)
-    U = N / norm[:, None, None]
-    S = S / (norm * norm)[:, None, None]
-    ok = torch.ones(N.shape[0], dtype=torch.bool, device=N.device)
-    for step in range(steps):
-        if step:
-            S = yield Reduce((cast(U).mT @ cast(U)).to(N.dtype), ("row",), "gram")
-        ok &= torch.isfinite(S).flatten(1).all(1)
-        poly = torch.baddbmm(S, S, S, beta=b, alpha=c)
-        if low is None:
-            U = torch.baddbmm(U, U, poly, beta=a)
-        else:
-            U = a * U + (cast(U) @ cast(poly)).to(N.dtype)
-    return U, ok
+    work = matmul_dtype if matmul_dtype not in (None, N.dtype) else N.dtype
+    # ||N||_F^2 summed over row shards: a NaN or inf anywhere in N, or an overflow, shows in it
+    norm_sq = yield Reduce(torch.linalg.vector_norm(N, dim=(-2, -1)).square(), ("row",), "norms")
+    ok = torch.isfinite(norm_sq)
+    norm = norm_sq.clamp_min(0).sqrt().clamp_min(eps)[:, None, None]
+    # Iterated as V = U^T (k, rows) where that is the contiguous one (a column-major N): the
+    # products then read their operands in storage order instead of copying them.
+    flip = not N.is_contiguous() and N.mT.is_contiguous()
+    V = N.mT if flip else N
+    if work != N.dtype and torch.finfo(work).max >= torch.finfo(N.dtype).max:
+        V = V.to(work).div_(norm)  # bf16: cast, then divide the copy in place
+    else:  # N itself may be B, which must stay as it is; fp16 would overflow before dividing
+        V = (V / norm).to(work)
+    for _ in range(steps):
+        gram = V @ V.mT if flip else V.mT @ V
+        S = (yield Reduce(gram.to(N.dtype), ("row",), "gram")).to(work)
+        poly = torch.baddbmm(S, S, S, beta=b, alpha=c)  # symmetric, as S is
+        V = torch.baddbmm(V, poly, V, beta=a) if flip else torch.baddbmm(V, V, poly, beta=a)
+    U = V.mT if flip else V
+    return U.to(N.dtype), ok
 
 
 @dataclass
@@ -94,29 +94,40 @@ class Dion2Step:
     U: Tensor
     ok: Tensor
     mu: float
+    cols: slice | None = None  # every column selected (Muon): this block's columns of U
 
     def write_momentum(self, i: int | tuple[int, ...], out: Tensor) -> None:
         """out = B[i] with its selected columns times mu where ``ok[i]`` (else unchanged), for
         ``out`` a canonical view. Decided on the device: the selected columns not on this rank
-        get factor 1 (a product, so their clamped local index cannot clash with an owned one)."""
+        get factor 1 (a product, so their clamped local index cannot clash with an owned one).
+        B is scaled in place: it is not needed after this."""
         if not out.shape[-1]:  # no columns here (an empty shard): nothing to write
+            return
+        if self.cols is not None:
+            masked_copy_(out, self.B[i].mul_(self.mu), self.ok[i])
             return
         mu = torch.full((), self.mu, dtype=self.B.dtype, device=self.B.device)
         factor = torch.where(self.own[i], mu, 1.0)
         scale = torch.ones(self.B.shape[-1], dtype=self.B.dtype, device=self.B.device)
         scale.scatter_reduce_(-1, self.local[i], factor, reduce="prod")
-        masked_copy_(out, self.B[i] * scale, self.ok[i])
+        masked_copy_(out, self.B[i].mul_(scale), self.ok[i])
 
     def apply_update(self, i: int | tuple[int, ...], A: Tensor, alpha: float,
                      decay: float) -> None:
         """A = decay * A, then A[:, J] += alpha * U on this rank's selected columns, in place,
-        where ``ok[i]`` (else unchanged). Columns not on this rank add zero."""
+        where ``ok[i]`` (else unchanged, decided on the device). Columns not on this rank add
+        zero."""
         if not A.shape[-1]:
             return
-        new = A * decay if decay != 1 else A.clone()
-        U = self.U[i] * self.own[i].to(self.U.dtype)
-        new.index_add_(-1, self.local[i], U.to(A.dtype), alpha=alpha)
-        masked_copy_(A, new, self.ok[i])
+        ok = self.ok[i]
+        if decay != 1:
+            keep = torch.full((), decay, dtype=A.dtype, device=A.device)
+            A.mul_(torch.where(ok, keep, 1.0))
+        if self.cols is not None:  # the selection is the identity: a plain add
+            A.add_(torch.where(ok, self.U[i][..., self.cols], 0.0).to(A.dtype), alpha=alpha)
+            return
+        U = torch.where(ok & self.own[i], self.U[i], 0.0)
+        A.index_add_(-1, self.local[i], U.to(A.dtype), alpha=alpha)
 
 
 def select_columns(norms: Tensor, k: int) -> Tensor:
@@ -147,20 +158,29 @@ def dion2_update(
     """
     batch, rows, local_b = B.shape
     start, stop = cols
-    partial = B.new_zeros(batch, b)
-    partial[:, start:stop] = B.abs().sum(-2)
-    norms = yield Reduce(partial, ("row", "col"), "norms")
-    selected = select_columns(norms, k)
+    if k == b:  # Muon: every column, in order; no norms to rank them by, nothing to gather
+        selected = torch.arange(b, device=B.device).expand(batch, b)
+        N = B if G is None else torch.add(G.to(B.dtype), B, alpha=mu)
+        if local_b != b:  # this block's columns in place, the others summed in from theirs
+            N = B.new_zeros(batch, rows, b).index_copy_(-1, selected[0, start:stop], N)
+        norms_ok = torch.ones(batch, dtype=torch.bool, device=B.device)
+    else:
+        partial = B.new_zeros(batch, b)
+        partial[:, start:stop] = B.abs().sum(-2)
+        norms = yield Reduce(partial, ("row", "col"), "norms")
+        norms_ok = torch.isfinite(norms).all(-1)
+        selected = select_columns(norms, k)
     own = (selected >= start) & (selected < stop)
     local = (selected - start).clamp(0, max(local_b - 1, 0))
-    N = B.new_zeros(batch, rows, k)
-    if local_b:
-        index = local[:, None, :].expand(batch, rows, k)
-        N = B.gather(-1, index)
-        if G is not None:
-            N = G.to(B.dtype).gather(-1, index).add_(N, alpha=mu)
-        N = N * own[:, None, :]
-    N = yield Reduce(N, ("col",), "select")
+    if k != b:
+        N = B.new_zeros(batch, rows, k)
+        if local_b:
+            index = local[:, None, :].expand(batch, rows, k)
+            N = B.gather(-1, index)
+            if G is not None:
+                N = G.to(B.dtype).gather(-1, index).add_(N, alpha=mu)
+            N = N * own[:, None, :]
+    N = yield Reduce(N, ("col",), "select")  # every rank, whatever columns it holds
     U, ok = yield from newton_schulz(N, ns_steps, eps, matmul_dtype)
-    ok = ok & torch.isfinite(norms).all(-1)
-    return Dion2Step(B=B, selected=selected, own=own, local=local, U=U, ok=ok, mu=mu)
+    return Dion2Step(B=B, selected=selected, own=own, local=local, U=U, ok=ok & norms_ok, mu=mu,
+                     cols=slice(start, stop) if k == b else None)
