@@ -6,12 +6,15 @@ the same weights and reads the same fixed gradients. The arms are stepped round-
 each per repetition, so load from other processes lands on all of them alike; the table reports
 medians.
 
-The floor of a Dion step is its matmul work, 8 m n r FLOPs per matrix (B Q, B^T P, the error
-feedback P R^T and the update P Q^T), at the fp32 rate measured in the same run on batched
-matmuls shaped like B Q. The bf16 arms (``matmul_dtype=torch.bfloat16``) are held to a bf16
-floor: the same FLOPs at the measured bf16 rate, plus the fp32 orthonormalization of P (sketch
-product, Gram, Cholesky, triangular solves) timed on its own. On CUDA, ``--tf32`` adds fp32 arms
-run with TF32 matmuls.
+Each Dion arm is held to two floors measured in the same run. The first is issue 12's: its
+matmul work, 8 m n r FLOPs per matrix (B Q, B^T P, the error feedback P R^T and the update
+P Q^T), at the rate of batched matmuls shaped like B Q in the arm's dtype (bf16 for
+``matmul_dtype=torch.bfloat16``), plus the orthonormalization of P (sketch product, Gram,
+Cholesky, triangular solves; the sketch product in bf16 for bf16 arms) timed on its own. The
+second adds the memory traffic no optimizer with momentum avoids (M += G and W *= c over every
+weight, timed): once the products run at bf16 speed, a step is mostly such passes, which the
+first floor leaves out. ``--profile`` breaks one step of an arm down by category. On CUDA,
+``--tf32`` adds fp32 arms run with TF32 matmuls.
 
     python benchmarks/step_time.py                  # 12 layers, the full table
     python benchmarks/step_time.py --layers 2 --repeats 3   # a quick run
@@ -147,9 +150,25 @@ def matmul_probes(layers: int, device: torch.device, dtype: torch.dtype = torch.
     return runs
 
 
-def orthonormalize_probes(layers: int, device: torch.device):
+def memory_probe(layers: int, device: torch.device) -> Callable[[], None]:
+    """The least memory traffic of an optimizer with momentum, on fp32 tensors shaped like the
+    weights: M += G (reads G and M, writes M) and W *= c (reads and writes W). Dion's step
+    moves at least this much besides its products; it is what AdamW's step mostly is."""
+    tensors = [[torch.ones(shape, device=device) for _ in range(3)]
+               for _ in range(layers) for shape in BLOCK_SHAPES]
+
+    def run():
+        for M, G, W in tensors:
+            M.add_(G)
+            W.mul_(0.999)
+    return run
+
+
+def orthonormalize_probes(layers: int, device: torch.device,
+                          sketch_dtype: torch.dtype = torch.float32):
     """For each rank fraction, the default (randomized) orthonormalization of P-shaped fp32
-    batches (layers, a, r): the part of a bf16-matmul step that stays fp32."""
+    batches (layers, a, r), its sketch product in ``sketch_dtype`` (bf16 where Dion's products
+    are): the part of a bf16-matmul step that stays fp32."""
     from torchdion.orthonormalize import orthonormalize, sketch_matrix, sketch_rows
     from torchdion.reduce import run_lockstep
 
@@ -161,7 +180,8 @@ def orthonormalize_probes(layers: int, device: torch.device):
             a, b = max(m, n), min(m, n)
             r = torchdion.matrix_plan.dion_rank(b, f, 1)
             P = torch.randn(layers, r, a, generator=gen).to(device).mT  # column-major, as in Dion
-            sketch = sketch_matrix(sketch_rows(r, a), a, 0, 1, device, torch.float32)
+            sketch = sketch_matrix(sketch_rows(r, a), a, 0, 1, device, torch.float32
+                                   ).to(sketch_dtype)
             work.append((P, sketch))
 
         def run(work=work):
@@ -247,7 +267,7 @@ def fmt_time(s: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per arm (after 1 warm-up)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per arm (after 2 warm-ups)")
     ap.add_argument("--layers", type=int, default=12,
                     help="transformer blocks (12 for GPT-2 small; fewer for a quick run)")
     ap.add_argument("--out", default=None, help="also write the table as markdown to this file")
@@ -307,11 +327,17 @@ def main(argv: list[str] | None = None) -> None:
 
     probes = matmul_probes(args.layers, device)
     bf16_probes = {} if args.no_bf16 else matmul_probes(args.layers, device, torch.bfloat16)
-    orth_probes = {} if args.no_bf16 else orthonormalize_probes(args.layers, device)
+    orth_probes = {(f, torch.float32): run
+                   for f, run in orthonormalize_probes(args.layers, device).items()}
+    if not args.no_bf16:
+        orth_probes.update({(f, torch.bfloat16): run for f, run in orthonormalize_probes(
+            args.layers, device, torch.bfloat16).items()})
+    memory = memory_probe(args.layers, device)
     times: dict[str, list[float]] = {name: [] for name in arms}
     probe_times: dict[float, list[float]] = {f: [] for f in RANK_FRACTIONS}
     bf16_times: dict[float, list[float]] = {f: [] for f in bf16_probes}
-    orth_times: dict[float, list[float]] = {f: [] for f in orth_probes}
+    orth_times: dict[tuple[float, torch.dtype], list[float]] = {k: [] for k in orth_probes}
+    memory_times: list[float] = []
 
     def step_of(name: str, opt) -> Callable[[], object]:
         if name not in tf32_arms:
@@ -325,12 +351,14 @@ def main(argv: list[str] | None = None) -> None:
                 torch.backends.cuda.matmul.allow_tf32 = False
         return step
 
-    # The first step of each arm builds its state and is not timed.
+    # The first step of each arm builds its state and the second its reused buffers (Dion's
+    # workspace is sized by the step before); neither is timed.
     for name, opt in arms.items():
+        timed(step_of(name, opt), device)
         timed(step_of(name, opt), device)
     for run, _ in [*probes.values(), *bf16_probes.values()]:
         timed(run, device)
-    for run in orth_probes.values():
+    for run in [*orth_probes.values(), memory]:
         timed(run, device)
     load_before = os.getloadavg()[0]
     for rep in range(args.repeats):
@@ -341,29 +369,33 @@ def main(argv: list[str] | None = None) -> None:
             probe_times[f].append(timed(run, device))
         for f, (run, _) in bf16_probes.items():
             bf16_times[f].append(timed(run, device))
-        for f, run in orth_probes.items():
-            orth_times[f].append(timed(run, device))
+        for key, run in orth_probes.items():
+            orth_times[key].append(timed(run, device))
+        memory_times.append(timed(memory, device))
 
     load_after = os.getloadavg()[0]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rate = {f: flops / statistics.median(probe_times[f]) for f, (_, flops) in probes.items()}
     bf16_rate = {f: flops / statistics.median(bf16_times[f])
                  for f, (_, flops) in bf16_probes.items()}
-    orth = {f: statistics.median(ts) for f, ts in orth_times.items()}
+    orth = {key: statistics.median(ts) for key, ts in orth_times.items()}
+    mem = statistics.median(memory_times)
     adamw = med.get("torch.optim.AdamW")
     ns = med.get("Muon NS-5 fp32")
     muon = med.get("torch.optim.Muon (bf16 NS)")
 
     rows = []
     for name, t in med.items():
-        floor, vs_fp32 = "", "-"
+        floor, with_memory, vs_fp32 = "-", "-", "-"
         for f in RANK_FRACTIONS:
+            fl = None
             if name in (_dion_name(f), _dion_name(f) + " TF32"):
-                fl = dion_flops(args.layers, f) / rate[f]
-                floor = f"{fmt_time(fl)} ({t / fl:.2f}x)"
+                fl = dion_flops(args.layers, f) / rate[f] + orth[(f, torch.float32)]
             if name == _dion_name(f) + " bf16":
-                fl = dion_flops(args.layers, f) / bf16_rate[f] + orth[f]
+                fl = dion_flops(args.layers, f) / bf16_rate[f] + orth[(f, torch.bfloat16)]
+            if fl is not None:
                 floor = f"{fmt_time(fl)} ({t / fl:.2f}x)"
+                with_memory = f"{fmt_time(fl + mem)} ({t / (fl + mem):.2f}x)"
             if name.startswith(_dion_name(f) + " ") and _dion_name(f) in med:
                 vs_fp32 = f"{med[_dion_name(f)] / t:.2f}x"
         rows.append((
@@ -373,20 +405,28 @@ def main(argv: list[str] | None = None) -> None:
             f"{ns / t:.2f}x" if ns else "-",
             f"{muon / t:.2f}x" if muon else "-",
             vs_fp32,
-            floor or "-",
+            floor,
+            with_memory,
         ))
     header = ("optimizer", "median step", "time / AdamW", "speedup vs NS-5 fp32 Muon",
-              "speedup vs torch.optim.Muon", "speedup vs fp32 Dion", "floor (step / floor)")
+              "speedup vs torch.optim.Muon", "speedup vs fp32 Dion",
+              "floor: products + orthonormalization (step / floor)",
+              "floor + memory passes (step / floor)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     rates = ", ".join(
         f"{_dion_name(f).removeprefix('Dion ')}: {rate[f] / 1e9:.0f} GFLOP/s"
         for f in RANK_FRACTIONS
     )
+    rates += "; orthonormalization (fp32 sketch) " + ", ".join(
+        f"{_dion_name(f).removeprefix('Dion ')}: {fmt_time(orth[(f, torch.float32)])}"
+        for f in RANK_FRACTIONS)
     if bf16_rate:
         rates += "; bf16 " + ", ".join(
             f"{_dion_name(f).removeprefix('Dion ')}: {bf16_rate[f] / 1e9:.0f} GFLOP/s, "
-            f"fp32 orthonormalization {fmt_time(orth[f])}" for f in RANK_FRACTIONS)
+            f"orthonormalization with a bf16 sketch {fmt_time(orth[(f, torch.bfloat16)])}"
+            for f in RANK_FRACTIONS)
+    rates += f"; memory passes (M += G, W *= c over all weights) {fmt_time(mem)}"
     threads = torch.get_num_threads()
     now = datetime.datetime.now(datetime.timezone.utc)
     info = (
