@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torchdion
+from torchdion.reduce import Reduce
 from torchdion.update import dion_update
 
 ROOT = Path(__file__).resolve().parent
@@ -49,13 +50,14 @@ def mean_r_update(*args, **kwargs):
     """dion_update, except that the error feedback uses the averaged R (``Dion(update=...)``).
 
     The replica average of R is the answer to the one request over the "replica" axis alone;
-    substituting it for R_own in the result is exactly the rejected variant."""
+    substituting it for R_own in the result is exactly the rejected variant. Everything the step
+    yields (requests, and the generators it calls) passes through to the driver."""
     gen = dion_update(*args, **kwargs)
     mean_r = None
     request = next(gen)
     while True:
         answer = yield request
-        if request.kind == "R" and request.axes == ("replica",):
+        if isinstance(request, Reduce) and request.kind == "R" and request.axes == ("replica",):
             mean_r = answer
         try:
             request = gen.send(answer)

@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="leave out the fp32 Newton-Schulz Muon (the slowest arm)")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: add Dion arms whose fp32 matmuls run in TF32")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a 'compiled' twin (Dion(compile=True)) of every Dion arm; each "
+                         "compiles on its untimed first step")
     ap.add_argument("--dion-options", default=None, metavar="JSON",
                     help='also time Dion with these options at every rank, e.g. '
                          '\'{"nesterov": true}\'')
@@ -307,6 +310,12 @@ def main(argv: list[str] | None = None) -> None:
             options = json.loads(args.dion_options)
             arms[f"{_dion_name(f)} {args.dion_options}"] = torchdion.Dion(
                 make_params(weights, grads), lr=0.01, rank_fraction=f, **options)
+    if args.compile:
+        for name in [n for n in arms if n.startswith("Dion rank") and not n.endswith("TF32")]:
+            group = arms[name].param_groups[0]
+            arms[name + " compiled"] = torchdion.Dion(
+                make_params(weights, grads), lr=0.01, rank_fraction=group["rank_fraction"],
+                matmul_dtype=group["matmul_dtype"], compile=True)
     for f in DION2_FRACTIONS:
         arms[f"Dion2 1/{round(1 / f)}"] = torchdion.Dion(make_params(weights, grads), lr=0.01,
                                                          rank_fraction=f, algorithm="dion2")

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .masks import masked_copy_
-from .reduce import Reduce
+from .reduce import Reduce, Yielded
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -150,7 +151,7 @@ def dion2_update(
     ns_steps: int,
     eps: float,
     matmul_dtype: torch.dtype | None = None,
-) -> Generator[Reduce, Tensor, Dion2Step]:
+) -> Generator[Yielded, Any, Dion2Step]:
     """One Dion2 step for B = M + G, local blocks of shape (batch, a_local, b_local).
 
     ``cols``: this block's columns [start, stop) of A, whose short side has ``b`` columns.
@@ -181,6 +182,6 @@ def dion2_update(
                 N = G.to(B.dtype).gather(-1, index).add_(N, alpha=mu)
             N = N * own[:, None, :]
     N = yield Reduce(N, ("col",), "select")  # every rank, whatever columns it holds
-    U, ok = yield from newton_schulz(N, ns_steps, eps, matmul_dtype)
+    U, ok = yield newton_schulz(N, ns_steps, eps, matmul_dtype)
     return Dion2Step(B=B, selected=selected, own=own, local=local, U=U, ok=ok & norms_ok, mu=mu,
                      cols=slice(start, stop) if k == b else None)

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from . import elementwise
 from .checkpoint import check_loadable
 from .comm import Comm, group_size
+from .compiled import run_alone_compiled
 from .dion2 import Dion2Step, dion2_update
 from .layout import local_tensor, q_state, shards_of
 from .masks import finite_in, masked_copy_
@@ -134,6 +135,11 @@ class Dion(Optimizer):
         update: the per-batch Dion step, :func:`torchdion.update.dion_update` unless given;
             a substitute takes and returns what it does (for research variants and the drift
             benchmark).
+        compile: run each Dion / Dion2 / Muon batch's update as one ``torch.compile`` graph
+            (``fullgraph=True``) where its layout completes no sum across processes (one device,
+            expert parallelism alone); elsewhere the update runs eagerly. Each distinct batch
+            shape compiles on its first step (seconds each). Off by default; see
+            :mod:`torchdion.compiled` and docs/usage.md for what it gains.
 
     State per Dion parameter ``p``: ``state[p]["momentum"]`` (p's shape), ``state[p]["Q"]``
     ((*batch, min(m, n), r); batch is () unless stacked) and ``state[p]["step"]``; Dion2 and
@@ -181,6 +187,7 @@ class Dion(Optimizer):
         replicate_group: dist.ProcessGroup | DeviceMesh | None = None,
         gradients_synchronized: bool = False,
         update: Callable[..., Any] = dion_update,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, mu=mu, rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of,
@@ -193,6 +200,7 @@ class Dion(Optimizer):
         validate_hyperparameters(defaults)
         check("seed", isinstance(seed, int) and not isinstance(seed, bool), "an int", seed)
         check("update", callable(update), "callable", update)
+        check("compile", isinstance(compile, bool), "a bool", compile)
         self.seed = seed
         self.raise_on_nonfinite = bool(raise_on_nonfinite)
         self.nonfinite_skips = 0  # the property below: a count kept on the device
@@ -203,6 +211,7 @@ class Dion(Optimizer):
         self.replicate_group = None if group_size(replicate_group) == 1 else replicate_group
         self.gradients_synchronized = bool(gradients_synchronized)
         self.update = update
+        self.compile = compile
         self._comm = Comm()
         # per Dion parameter: its plan and the group settings it was made from
         self._plans: dict[Tensor, tuple[tuple, MatrixPlan]] = {}
@@ -520,7 +529,9 @@ class Dion(Optimizer):
 
     def _dion_phase(self, batches: dict[BatchKey, list[Tensor]], grads: dict[Tensor, Tensor]
                     ) -> list[tuple[DionStep | Dion2Step, Tensor]]:
-        gens, plans = [], []
+        # per batch: the update function and its arguments, run below
+        calls: list[tuple[Callable[..., Any], tuple, dict[str, Any]]] = []
+        plans: list[MatrixPlan] = []
         # Set lazily: torch's optimizer pickling keeps only defaults, state and groups.
         workspace = self.__dict__.get("_workspace")
         if workspace is None:
@@ -540,9 +551,9 @@ class Dion(Optimizer):
                 if group["nesterov"]:
                     G = plan.canonical(torch.stack(
                         [self._local_matrix(grads[p], group) for p in params]).to(compute))
-                gens.append(dion2_update(
-                    plan.canonical(B), G, k=plan.rank, b=plan.b, cols=plan.cols, mu=group["mu"],
-                    ns_steps=group["ns_steps"], eps=group["eps"], matmul_dtype=matmul))
+                calls.append((dion2_update, (plan.canonical(B), G), dict(
+                    k=plan.rank, b=plan.b, cols=plan.cols, mu=group["mu"],
+                    ns_steps=group["ns_steps"], eps=group["eps"], matmul_dtype=matmul)))
                 continue
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             options: dict[str, Any] = {}  # passed only when on: a substitute update may lack them
@@ -556,15 +567,25 @@ class Dion(Optimizer):
                 options["polar_q"] = True
             if matmul is not None:  # the bf16 copies and products reuse the workspace
                 options["scratch"] = workspace.on(device)
-            gens.append(self.update(
-                plan.canonical(B), Q, mu=group["mu"], eps=group["eps"],
-                method=group["orthonormalize"],
+            calls.append((self.update, (plan.canonical(B), Q), dict(
+                mu=group["mu"], eps=group["eps"], method=group["orthonormalize"],
                 sketch=plan.sketch(self.seed, key.step + 1, device, compute),
                 power_iters=group["power_iters"],
                 tol=max(direction_tolerance(plan.a, plan.b, compute, matmul),
                         group["direction_tol"]),
-                matmul_dtype=matmul, momentum_dtype=momenta[0].dtype, **options))
-        results = run_lockstep(gens, plans, self._comm.complete)
+                matmul_dtype=matmul, momentum_dtype=momenta[0].dtype, **options)))
+        results: list[Any] = [None] * len(calls)
+        together = []  # batches run in lockstep, their sums bucketed into shared collectives
+        for i, ((update, args, kwargs), plan) in enumerate(zip(calls, plans)):
+            if self.compile and all(group_size(g) == 1 for g in plan.groups.values()):
+                kwargs.pop("scratch", None)  # a compiled graph plans its own buffers
+                results[i] = run_alone_compiled(update, *args, **kwargs)
+            else:
+                together.append(i)
+        done = run_lockstep([calls[i][0](*calls[i][1], **calls[i][2]) for i in together],
+                            [plans[i] for i in together], self._comm.complete)
+        for i, res in zip(together, done):
+            results[i] = res
         return [(res, res.ok) for res in results]
 
     @staticmethod

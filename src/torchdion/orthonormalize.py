@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .reduce import Reduce, any_true
+from .reduce import Reduce, Yielded, any_true
 
 METHODS = ("qr", "cholesky", "randomized")
 
@@ -47,7 +48,8 @@ def _solve_upper_right(U: Tensor, P: Tensor, overwrite: bool) -> Tensor:
     (dion_update builds P column-major), nothing is copied; otherwise torch first copies P, and
     for a row-major P that copy is a transpose that cost more than the solve itself.
     """
-    if overwrite and P.mT.is_contiguous():
+    # (torch.compile plans its own storage, and refuses a column-major ``out``)
+    if overwrite and P.mT.is_contiguous() and not torch.compiler.is_compiling():
         return torch.linalg.solve_triangular(U, P, upper=True, left=False, out=P)
     return torch.linalg.solve_triangular(U, P, upper=True, left=False)
 
@@ -58,12 +60,12 @@ def _gram(P: Tensor) -> Generator[Reduce, Tensor, Tensor]:
 
 def cholesky_qr(
     P: Tensor, overwrite: bool = False
-) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
+) -> Generator[Yielded, Any, tuple[Tensor, Tensor]]:
     """P (L^T)^-1 with L L^T = P^T P. Returns (P, failed): ``failed`` flags batch entries whose Gram
     matrix was not numerically positive definite; those are factored with a small diagonal shift
     (relative to the Gram's trace), which leaves exactly-zero columns at zero. ``overwrite``: P
     may be used as the output's storage."""
-    G = yield from _gram(P)
+    G = yield _gram(P)
     failed = torch.linalg.cholesky_ex(G).info != 0
     # Factored again with the shift (zero where the first attempt succeeded) rather than only
     # where it failed: an r x r Cholesky costs little, and the host never reads ``failed``.
@@ -77,7 +79,7 @@ def cholesky_qr(
 
 def randomized_qr(
     P: Tensor, sketch: Tensor, overwrite: bool = False
-) -> Generator[Reduce, Tensor, tuple[Tensor, Tensor]]:
+) -> Generator[Yielded, Any, tuple[Tensor, Tensor]]:
     """Sketched QR preconditioning then one Cholesky-QR pass.
 
     ``sketch`` holds the columns of the (k, a) sketch matching P's local rows. Only the (k, r)
@@ -93,12 +95,12 @@ def randomized_qr(
     tiny = d.abs() <= torch.finfo(R.dtype).eps * d.abs().amax(-1, keepdim=True)
     R = R + torch.diag_embed(torch.where(tiny, 1.0 - d, torch.zeros_like(d)))
     P = _solve_upper_right(R, P, overwrite)
-    return (yield from cholesky_qr(P, overwrite=True))
+    return (yield cholesky_qr(P, overwrite=True))
 
 
 def orthonormalize(
     P: Tensor, method: str, sketch: Tensor | None = None, overwrite: bool = False
-) -> Generator[Reduce, Tensor, Tensor]:
+) -> Generator[Yielded, Any, Tensor]:
     """Orthonormal columns spanning P's columns, for each matrix of the batch.
 
     ``overwrite``: P's storage may be reused for the result (it is, when P is column-major).
@@ -114,9 +116,10 @@ def orthonormalize(
     if sketch is None:  # the plan gives every method but "qr" a sketch
         raise ValueError(f"orthonormalize={method!r} needs the randomized sketch")
     if method == "cholesky":
-        Pc, failed = yield from cholesky_qr(P)
-        if not any_true(failed):
+        Pc, failed = yield cholesky_qr(P)
+        # Compiled, the fallback is always formed (a graph cannot branch on a device value).
+        if not torch.compiler.is_compiling() and not any_true(failed):
             return Pc
-        Pr, _ = yield from randomized_qr(P, sketch, overwrite)
+        Pr, _ = yield randomized_qr(P, sketch, overwrite)
         return torch.where(failed[..., None, None], Pr, Pc)
-    return (yield from randomized_qr(P, sketch, overwrite))[0]
+    return (yield randomized_qr(P, sketch, overwrite))[0]

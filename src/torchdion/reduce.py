@@ -6,6 +6,11 @@ processes, the math yields ``Reduce(partial, axes)`` and continues with the comp
 the driver sends back. The driver runs every matrix's generator in lockstep, so the requests of
 one round are bucketed into a few collectives whatever the number of matrices.
 
+A step calls another such generator by yielding it (``P = yield orthonormalize(P, ...)``): the
+driver runs it in the caller's place, its requests going out like the caller's, and sends back
+its return value. This is ``yield from`` done by the driver, because torch.compile cannot trace
+a value sent into a ``yield from`` (it can trace this driver: see :mod:`torchdion.compiled`).
+
 Axes:
   "row"     the long side of the canonical orientation, summed across its shards;
   "col"     the short side, summed across its shards;
@@ -31,6 +36,8 @@ class Reduce:
 
 
 Complete = Callable[[Sequence[Any], Sequence[Reduce]], Sequence[Tensor]]
+# What a step yields: a request, or a generator to run in its place (sent back: its answer).
+Yielded = Reduce | Generator[Any, Any, Any]
 
 
 def any_true(flags: Tensor) -> bool:
@@ -50,19 +57,36 @@ def local_complete(layouts: Sequence[Any], requests: Sequence[Reduce]) -> list[T
 
 
 def run_lockstep(
-    gens: Sequence[Generator[Reduce, Tensor, Any]],
+    gens: Sequence[Generator[Any, Any, Any]],
     layouts: Sequence[Any],
     complete: Complete = local_complete,
 ) -> list[Any]:
-    """Drive generators together; each round's requests go to ``complete`` in one call."""
+    """Drive generators together; each round's requests go to ``complete`` in one call.
+
+    A generator may yield a :class:`Reduce` (answered with the completed tensor) or another
+    generator (run in its place; answered with its return value)."""
     results: list[Any] = [None] * len(gens)
+    calls = [[g] for g in gens]  # per matrix: the generator and those it is inside of
     pending: dict[int, Reduce] = {}
 
-    def advance(i: int, value: Tensor | None) -> None:
-        try:
-            pending[i] = gens[i].send(value)  # type: ignore[arg-type]  # None starts it
-        except StopIteration as stop:
-            results[i] = stop.value
+    def advance(i: int, value: Any) -> None:
+        stack = calls[i]
+        while True:
+            try:
+                out = stack[-1].send(value)  # None starts a generator
+            except StopIteration as stop:
+                stack.pop()
+                # args, not .value: torch.compile traces the former
+                value = stop.args[0] if stop.args else None
+                if not stack:
+                    results[i] = value
+                    return
+                continue
+            if isinstance(out, Reduce):
+                pending[i] = out
+                return
+            stack.append(out)
+            value = None
 
     for i in range(len(gens)):
         advance(i, None)

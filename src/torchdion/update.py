@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .masks import masked_copy_
 from .orthonormalize import orthonormalize
-from .reduce import Reduce
+from .reduce import Reduce, Yielded
 
 
 def lr_scale_factor(kind: str, m: int, n: int) -> float:
@@ -307,7 +308,7 @@ def dion_update(
     C: Tensor | None = None,
     polar_q: bool = False,
     scratch: Scratch | None = None,
-) -> Generator[Reduce, Tensor, DionStep]:
+) -> Generator[Yielded, Any, DionStep]:
     """One Dion step for B = M + G, shape (*batch, a, b), and Q, shape (*batch, b, r).
 
         P = orthonormalize(B Q)          summed over columns and replicas
@@ -358,7 +359,7 @@ def dion_update(
     for _ in range(power_iters):
         # (Q^T D^T)^T is D Q, stored column-major: the triangular solves then run in place.
         P = yield Reduce((Q.to(Dm.dtype).mT @ Dm.mT).mT.to(B.dtype), ("col", "replica"), "P")
-        P = yield from orthonormalize(P, method, sketch, overwrite=True)
+        P = yield orthonormalize(P, method, sketch, overwrite=True)
         R_own = _unscaled(Bm.mT @ P.to(Bm.dtype), unscale, B.dtype)
         if C is None:
             R_own = yield Reduce(R_own, ("row",), "R")

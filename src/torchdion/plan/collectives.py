@@ -23,7 +23,7 @@ from ..comm import Ledger, RecordingComm
 from ..dion2 import dion2_update
 from ..matrix_plan import MatrixPlan, dion_rank
 from ..orthonormalize import METHODS
-from ..reduce import Reduce, run_lockstep
+from ..reduce import Yielded, run_lockstep
 from ..update import dion_update
 from .shard import AXES, Parallelism, Param, local_shape, matrix_plan
 
@@ -165,7 +165,7 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
             whole.append(_meta(local, p.itemsize))
         compute = 8 if p.itemsize == 8 else 4  # the math runs in fp32, fp64 for fp64
         batches[(plan, compute)] = batches.get((plan, compute), 0) + 1
-    gens: list[Generator[Reduce, Tensor, object]] = []
+    gens: list[Generator[Yielded, Any, object]] = []
     plans = []
     for (plan, compute), count in batches.items():
         B = _meta((count, *plan.local_batch, *plan.local_shape), compute)
