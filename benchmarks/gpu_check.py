@@ -78,7 +78,11 @@ def equivalence(device) -> dict:
 def host_syncs(device) -> dict:
     """Warnings raised by sync-debug mode in one steady-state step (after two warm-up steps)."""
     out = {}
-    for name, kw in [("fp32", {}), ("bf16 matmuls", {"matmul_dtype": torch.bfloat16})]:
+    # polar_q's eigendecomposition may check its result on the host (torch.linalg.eigh): counted
+    # here rather than assumed
+    for name, kw in [("fp32", {}), ("bf16 matmuls", {"matmul_dtype": torch.bfloat16}),
+                     ("nesterov + polar_q", {"nesterov": True, "polar_q": True}),
+                     ("muon", {"algorithm": "muon", "nesterov": True})]:
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device))
                   for s in [(768, 768), (3072, 768), (768,)]]
