@@ -722,6 +722,24 @@ def moe_resume(model, opt, path):
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def compile_where_sharded(world, rank) -> dict:
+    """Dion(compile=True) under FSDP, where every Dion matrix's sums cross processes: nothing is
+    compiled and the steps are bitwise the eager ones (compile applies to batches without
+    collectives only)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    weights = []
+    for compile in (False, True):
+        model, kw, rows = fsdp(world, rank)
+        opt = make_opt(model, 0.25, "randomized", compile=compile, **kw)
+        train(model, opt, rows, 0, 2)
+        weights.append({n: full(p.detach()) for n, p in model.named_parameters()})
+    return {"name": "compile_sharded", "world": world, "rank": rank,
+            "identical": all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0]),
+            "graphs": counters["stats"]["unique_graphs"]}
+
+
 CUT = STEPS // 2  # checkpoints are taken after this many steps
 
 
@@ -785,6 +803,7 @@ def main() -> None:
         results.append(run_scenario(name, build, world, rank, 0.25, "randomized", ref,
                                     "dion-bf16", exact=refs["dion", 0.25, "randomized"]))
     results.append(extra_checks(world, rank))
+    results.append(compile_where_sharded(world, rank))
     results += moe_checks(world, rank, ckpt)
     if world == 4:
         save_checkpoint(world, rank, ckpt)

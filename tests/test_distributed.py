@@ -295,3 +295,9 @@ def test_quality_options_exact_in_every_layout(results, world, name):
     rows = scenarios(results, world=world, name=name, algorithm="dion-options")
     for r in rows:
         assert r["param_err"] < 1e-5 and r["momentum_err"] < 1e-5, r
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_compile_leaves_sharded_batches_eager(results, world):
+    for r in scenarios(results, world=world, name="compile_sharded"):
+        assert r["identical"] and r["graphs"] == 0, r
