@@ -35,7 +35,11 @@ from torchdion.train.data import load_data
 
 ROOT = Path(__file__).resolve().parent
 RANKS = {"1": 1.0, "1/2": 0.5, "1/4": 0.25, "1/8": 0.125, "1/16": 0.0625}
-# Dion's options (issue 15's candidates), each an arm at ranks 1, 1/4 and 1/16
+# The paper's Dion, which was the library's default before issue 15: every Dion arm states it,
+# so that an arm runs the same thing whatever the library's defaults (since issue 15 Dion's
+# defaults are the arm "nesterov+muon scale").
+PLAIN = dict(nesterov=False, lr_scale="spectral")
+# Dion's options (issue 15's candidates) over PLAIN, each an arm at ranks 1, 1/4 and 1/16
 VARIANTS = {
     "nesterov": dict(nesterov=True),
     "polar": dict(polar_q=True),
@@ -44,23 +48,22 @@ VARIANTS = {
     "tol 0.1": dict(direction_tol=0.1),
     "tol 0.01": dict(direction_tol=0.01),
     "nesterov+muon scale": dict(nesterov=True, lr_scale="muon"),
-    "nesterov+polar": dict(nesterov=True, polar_q=True),
 }
 VARIANT_RANKS = ("1", "1/4", "1/16")
 # (name, optimizer, rank fraction, Dion options)
 ARMS = [("AdamW", "adamw", 1.0, {}), ("Muon", "muon", 1.0, {})]
-ARMS += [(f"Dion r={k}", "dion", rf, {}) for k, rf in RANKS.items()]
+ARMS += [(f"Dion r={k}", "dion", rf, dict(PLAIN)) for k, rf in RANKS.items()]
 ARMS += [("Dion2 1/4", "dion2", 0.25, {}), ("Dion2 1/16", "dion2", 0.0625, {}),
          ("Muon (torchdion)", "muon-torchdion", 1.0, {})]
-ARMS += [(f"Dion r={k} {v}", "dion", RANKS[k], opts) for v, opts in VARIANTS.items()
+BASELINE = [name for name, *_ in ARMS]  # what a run without --arms runs
+ARMS += [(f"Dion r={k} {v}", "dion", RANKS[k], {**PLAIN, **opts}) for v, opts in VARIANTS.items()
          for k in VARIANT_RANKS]
-BASELINE = [name for name, _, _, opts in ARMS if not opts]  # what a run without --arms runs
-ARMS += [("Dion r=1/4, bf16 matmuls", "dion", 0.25, {})]
+ARMS += [("Dion r=1/4, bf16 matmuls", "dion", 0.25, dict(PLAIN))]
 # Trainer settings beyond the optimizer's, and arms that sweep fewer lrs (around the best lr of
 # the arm they vary) to keep the run short.
 ARM_SETTINGS = {"Dion r=1/4, bf16 matmuls": dict(matmul_dtype="bf16")}
 ARM_LRS = {"Dion r=1/4, bf16 matmuls": [0.01, 0.02, 0.04]}
-ARM_LRS.update({name: [0.01, 0.02, 0.04] for name, _, _, opts in ARMS if opts})
+ARM_LRS.update({f"Dion r={k} {v}": [0.01, 0.02, 0.04] for v in VARIANTS for k in VARIANT_RANKS})
 MATRIX_LRS = [0.005, 0.01, 0.02, 0.04, 0.08]
 ADAMW_LRS = [0.00125, 0.0025, 0.005, 0.01, 0.02]
 
@@ -249,12 +252,15 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
         f"that lr is rerun with seeds 1..{seeds - 1} (seed sets initial weights, batch order and "
         "Dion's sketches). AdamW is swept first and its best lr becomes the AdamW lr of the "
         "embeddings, head and norms in the Muon and Dion arms. Muon is torch.optim.Muon "
-        "(Newton-Schulz, default lr adjustment); Dion uses the spectral scale sqrt(m/n). "
+        "(Newton-Schulz, default lr adjustment). 'Dion r=...' is the paper's Dion "
+        "(nesterov=False, the spectral scale sqrt(m/n)); 'Dion r=... <option>' adds the "
+        "option(s) to it, and 'nesterov+muon scale' is the library's default since issue 15. "
         "Dion2 is torchdion's algorithm='dion2' (rank_fraction is its fraction, mu = 0.95 its "
         "ef_decay, 5 Newton-Schulz steps in fp32, spectral scale); Muon (torchdion) is "
         "algorithm='muon' set up as torch.optim.Muon is (Nesterov, sqrt(max(1, m/n)), mu 0.95) "
         "but with its Newton-Schulz in fp32. An arm whose sweep lists fewer lrs ran on a "
-        "reduced grid (--lrs). "
+        "reduced grid (--lrs, or an option's 3-lr grid, extended by one lr where the best was "
+        "at its edge). "
         f"Target loss for 'steps to target' = AdamW's mean final loss, {target:.3f}.", "",
         "| arm | best lr | final val loss (mean ± std) | steps to target (mean) | "
         "lr sweep (lr: final loss, seed 0) |",
@@ -284,7 +290,7 @@ def variant_table(results: dict, seeds: int) -> list[str]:
     the variant's (positive: the variant ends lower); spread = the larger of the two stds."""
     def stats(name):
         finals = [r["val_loss"] for r in results[name]["seeds"]]
-        if len(finals) < seeds:
+        if len(finals) < max(seeds, 2):  # a spread needs two seeds
             return None
         return statistics.mean(finals), statistics.stdev(finals)
 
@@ -296,7 +302,7 @@ def variant_table(results: dict, seeds: int) -> list[str]:
             mine, default = f"Dion r={k} {v}", f"Dion r={k}"
             got = stats(mine) if mine in results else None
             if got is None:
-                cells.append("-" if mine not in results else "(< 3 seeds)")
+                cells.append("-" if mine not in results else f"(< {max(seeds, 2)} seeds)")
                 wins.append(None)
                 continue
             ref = stats(default)

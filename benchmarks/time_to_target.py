@@ -14,7 +14,16 @@ DDP + AdamW):
     Muon           DDP + AdamW's step       + k (Muon - AdamW)
     Dion r=1       DDP + Dion 1/4's step    + k (Dion r=1 - Dion 1/4)   (at full rank compressed
                                                                           Dion sends the gradient)
-    Dion variant   Dion compressed's step   + k (variant - Dion), same rank (same bytes)
+    Dion variant   Dion compressed's step   + k (variant - Dion), same rank (same bytes:
+                                                 netem's replicas-only layout shards no rows,
+                                                 so the Nesterov lookahead adds no bytes there)
+
+netem.py's Dion ran the paper's Dion (``nesterov=False, lr_scale="spectral"``, the defaults of
+its day); the step-time table must hold that arm and the library's default at each rank:
+
+    python benchmarks/step_time.py --layers 2 --repeats 3 --no-bf16 --no-fp32-muon \
+        --dion-options '{"nesterov": false, "lr_scale": "spectral"}' \
+        --out benchmarks/results/step_time_options.md
 
 The two models differ (the steps are the small GPT's, the seconds GPT-2 blocks'): the table
 ranks the optimizers for a model whose step costs what netem's does; it is not a measured run.
@@ -32,9 +41,14 @@ import re
 import statistics
 from pathlib import Path
 
+from torchdion.validation import fill_algorithm_defaults
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LINKS = {"1 Gbit/s": 4, "100 Mbit/s": 5}  # column of netem's step table
 UNSHAPED = 3
+# What netem.py's Dion arms ran: the defaults of their day (benchmarks/convergence.py's PLAIN)
+NETEM_DION = {"nesterov": False, "lr_scale": "spectral"}
+RANKS = {"1": 1.0, "1/4": 0.25, "1/16": 0.0625}
 
 
 def table_rows(md: str, first_cell: str) -> dict[str, list[str]]:
@@ -57,11 +71,26 @@ def seconds(cell: str) -> float:
     return value / 1e3 if "ms" in cell else value
 
 
+def resolved(options: dict) -> dict:
+    """Dion's options with the library's defaults filled in."""
+    return fill_algorithm_defaults({"algorithm": "dion", "nesterov": None, "lr_scale": None,
+                                    "polar_q": False, "direction_tol": 0.0, **options})
+
+
+def step_time_row(rf: float, options: dict) -> str:
+    """The row of ``benchmarks/step_time.py`` that timed Dion at rank fraction ``rf`` with
+    ``options`` (its ``--dion-options`` JSON, verbatim, after the name; none for the defaults)."""
+    base = "Dion rank " + ("1 (full)" if rf == 1 else f"1/{round(1 / rf)}")
+    return base if resolved(options) == resolved({}) else f"{base} {json.dumps(options)}"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--convergence", default=str(RESULTS / "convergence.json"))
     p.add_argument("--netem", default=str(RESULTS / "netem.md"))
     p.add_argument("--step-time", default=str(RESULTS / "step_time_options.md"))
+    p.add_argument("--variant", default="nesterov+muon scale",
+                   help="the convergence arms 'Dion r=<rank> <variant>' shown beside Dion's")
     p.add_argument("--out", default=str(RESULTS / "time_to_target.md"))
     args = p.parse_args(argv)
     shown = {k: Path(v).name for k, v in vars(args).items()}  # file names, not this machine's paths
@@ -73,63 +102,66 @@ def main(argv=None) -> None:
     def netem_s(arm: str, col: int) -> float:
         return float(netem[arm][col])
 
-    k = ((netem_s("DDP + Dion 1/4 (full gradient sync)", UNSHAPED)
-          - netem_s("DDP + AdamW", UNSHAPED)) / (st["Dion rank 1/4"] - st["torch.optim.AdamW"]))
+    def compute(rf: float, options: dict) -> float:
+        return st.get(step_time_row(rf, options), math.nan)
 
-    def step_time(name: str, arm: dict, col: int) -> tuple[float, bool]:
+    k = ((netem_s("DDP + Dion 1/4 (full gradient sync)", UNSHAPED)
+          - netem_s("DDP + AdamW", UNSHAPED))
+         / (compute(0.25, NETEM_DION) - st["torch.optim.AdamW"]))
+
+    def step_time(arm: dict, col: int) -> tuple[float, bool]:
         """(seconds per step on the link, predicted?)"""
         if arm["optimizer"] == "adamw":
             return netem_s("DDP + AdamW", col), False
         if arm["optimizer"] == "muon":
             extra = st["torch.optim.Muon (bf16 NS)"] - st["torch.optim.AdamW"]
             return netem_s("DDP + AdamW", col) + k * extra, True
-        rf = arm["rank_fraction"]
-        label = "1 (full)" if rf == 1 else f"1/{round(1 / rf)}"
-        base = f"Dion rank {label}"
-        options = arm.get("options") or {}
-        variant = f"{base} {json.dumps(options)}" if options else base
-        if variant not in st:  # options not timed by step_time.py
-            return math.nan, True
-        if rf == 1:
-            extra = st[variant] - st["Dion rank 1/4"]
+        rf, options = arm["rank_fraction"], arm.get("options") or {}
+        if rf == 1:  # compressed Dion sends the gradient at full rank: DDP's bytes
+            extra = compute(1.0, options) - compute(0.25, NETEM_DION)
             return netem_s("DDP + Dion 1/4 (full gradient sync)", col) + k * extra, True
         row = f"Dion compressed, rank 1/{round(1 / rf)}"
         if row not in netem:
             return math.nan, True
-        if not options:
+        if resolved(options) == resolved(NETEM_DION):
             return netem_s(row, col), False
-        return netem_s(row, col) + k * (st[variant] - st[base]), True
+        # the same bytes (the options change no DP-only sum), the options' compute on top
+        return netem_s(row, col) + k * (compute(rf, options) - compute(rf, NETEM_DION)), True
 
+    names = ["AdamW", "Muon"] + [f"Dion r={r}" for r in RANKS] + [
+        f"Dion r={r} {args.variant}" for r in RANKS]
     lines = [
         "# Time to AdamW's final loss on a rate-limited link", "",
         f"Command: `python benchmarks/time_to_target.py`. Steps: {shown['convergence']} "
         f"(target {conv['target']:.3f}, AdamW's mean final validation loss at "
-        f"{conv['config']['steps']} steps). Seconds per step: {shown['netem']} (4 ranks, "
-        "2 GPT-2-small blocks) where measured; *predicted* (marked p) from the netem step of "
-        "the arm sending the same bytes plus k x the optimizer-compute difference in "
-        f"{shown['step_time']}, k = {k:.2f} (see the script's docstring).", "",
+        f"{conv['config']['steps']} steps; mean over the seeds that reach it). Seconds per step: "
+        f"{shown['netem']} (4 ranks, 2 GPT-2-small blocks) where measured; *predicted* (marked "
+        "p) from the netem step of the arm sending the same bytes plus k x the "
+        f"optimizer-compute difference in {shown['step_time']}, k = {k:.2f} (see the script's "
+        "docstring). 'Dion r=...' is the paper's Dion (nesterov=False, spectral scale), what "
+        f"netem measured; 'Dion r=... {args.variant}' adds the options.", "",
         "| arm | steps to target | " + " | ".join(f"s / step, {lk}" for lk in LINKS)
         + " | " + " | ".join(f"time to target, {lk}" for lk in LINKS) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(LINKS))) + " |",
     ]
-    for name, arm in conv["arms"].items():
-        reached = [s for s in arm["steps_to_target"] if not math.isnan(s)]
-        if not reached:
+    for name in names:
+        arm = conv["arms"].get(name)
+        if arm is None:
             continue
-        steps = statistics.mean(reached)
-        note = "" if len(reached) == len(arm["steps_to_target"]) else \
-            f" ({len(reached)}/{len(arm['steps_to_target'])} seeds)"
+        reached = [s for s in arm["steps_to_target"] if not math.isnan(s)]
         cells, times = [], []
+        steps = statistics.mean(reached) if reached else math.nan
         for col in LINKS.values():
-            s, predicted = step_time(name, arm, col)
-            if math.isnan(s):
-                cells.append("-")
-                times.append("-")
-                continue
+            s, predicted = step_time(arm, col)
             mark = " p" if predicted else ""
-            cells.append(f"{s:.3f}{mark}")
-            times.append(f"{steps * s / 60:.1f} min{mark}")
-        lines.append(f"| {name} | {steps:.0f}{note} | " + " | ".join(cells) + " | "
+            cells.append("-" if math.isnan(s) else f"{s:.3f}{mark}")
+            times.append("-" if math.isnan(s) or not reached else
+                         f"{steps * s / 60:.1f} min{mark}")
+        seen = f"{len(reached)}/{len(arm['steps_to_target'])} seeds"
+        steps_cell = (f"not reached in {conv['config']['steps']} ({seen})" if not reached else
+                      f"{steps:.0f}" + ("" if len(reached) == len(arm["steps_to_target"])
+                                        else f" ({seen})"))
+        lines.append(f"| {name} | {steps_cell} | " + " | ".join(cells) + " | "
                      + " | ".join(times) + " |")
     lines.append("")
     Path(args.out).write_text("\n".join(lines))

@@ -78,10 +78,10 @@ BF16 = dict(matmul_dtype=torch.bfloat16)
 
 
 def make_opt(model, rank_fraction, method, algorithm="dion", **kw):
-    """Hidden matrices in a group of ``algorithm`` ("dion", "dion2", or "muon" with Nesterov;
-    "dion-options": Dion with OPTIONS)."""
+    """Hidden matrices in a group of ``algorithm`` ("dion" with its defaults, Nesterov among
+    them; "dion2"; "muon" with Nesterov; "dion-options": Dion with OPTIONS)."""
     matrices = dict(rank_fraction=rank_fraction, algorithm=algorithm,
-                    nesterov=algorithm == "muon")
+                    nesterov=True if algorithm == "muon" else None)
     if algorithm == "dion-options":
         matrices.update(OPTIONS, algorithm="dion")
     if algorithm == "dion-bf16":

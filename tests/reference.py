@@ -41,8 +41,8 @@ class ReferenceDion:
     """
 
     def __init__(self, X: Tensor, Q0: Tensor, *, lr: float, mu: float, weight_decay: float = 0.0,
-                 eps: float = 1e-8, lr_scale: str = "spectral", power_iters: int = 1,
-                 nesterov: bool = False, polar_q: bool = False,
+                 eps: float = 1e-8, lr_scale: str = "muon", power_iters: int = 1,
+                 nesterov: bool = True, polar_q: bool = False,
                  direction_tol: float = 0.0) -> None:
         self.m, self.n = X.shape
         self.transposed = self.m < self.n
@@ -82,7 +82,10 @@ class ReferenceDion:
             R = D.T @ P
             norms = R.norm(dim=0, keepdim=True)
             Q = R / (norms + self.eps)
-        self.M = B - (1 - self.mu) * P @ (B.T @ P).T  # error feedback on B, not the lookahead
+        # error feedback on B, not the lookahead, along the directions the update applies: where
+        # C has none (a rounding-noise column of P) B's part stays whole
+        keep = (norms > self.tol * norms.max()) if self.nesterov else torch.ones_like(norms)
+        self.M = B - (1 - self.mu) * P @ ((B.T @ P) * keep).T
         self.Q = Q  # the next step starts from R's normalized columns whatever the options
         if self.polar_q:  # polar factor of R by its SVD, small singular values dropped
             U, S, Vh = torch.linalg.svd(R, full_matrices=False)

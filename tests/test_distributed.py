@@ -122,8 +122,10 @@ def test_compressed_ddp_sends_less_than_full_gradients(results):
 @pytest.mark.parametrize("world,name", [(2, "fsdp"), (2, "tp"), (4, "fsdp"), (4, "hsdp"),
                                         (4, "fsdp_tp")])
 def test_no_collective_carries_a_full_matrix(results, world, name):
+    # with the Nesterov lookahead (Dion's default) R's row sum is b x 2r: below a matrix's a x b
+    # for r < a / 2, so at rank 1/4 (at rank 1/2 a square matrix's row sum is its size)
     for r in scenarios(results, world=world, name=name):
-        if r["rank_fraction"] <= 0.5:
+        if r["rank_fraction"] <= 0.25 or (r["rank_fraction"] <= 0.5 and r["algorithm"] != "dion"):
             assert 0 < r["largest_fraction"] < 1, r
 
 

@@ -56,6 +56,8 @@ def valid(name: str, x) -> bool:
     if name == "betas":
         return (isinstance(x, (tuple, list)) and len(x) == 2
                 and all(_number(b) and 0 <= b < 1 for b in x))
+    if name in ("lr_scale", "nesterov") and x is None:  # the algorithm's default
+        return True
     if name in CHOICES:
         return isinstance(x, str) and x in CHOICES[name]
     if name in ("flatten", "stacked", "nesterov", "polar_q"):

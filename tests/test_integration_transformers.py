@@ -60,15 +60,18 @@ def test_groups_put_tied_head_and_embeddings_out_of_dion():
     assert all(g["algorithm"] != "dion" or g["rank_fraction"] == 0.5 for g in opt.param_groups)
 
 
-def test_conv1d_steps_like_the_same_linear():
-    """GPT-2's Conv1D stores (in, out): its step must equal nn.Linear's, (out, in)."""
+@pytest.mark.parametrize("lr_scale", [None, "spectral", "muon"])
+def test_conv1d_steps_like_the_same_linear(lr_scale):
+    """GPT-2's Conv1D stores (in, out): its step must equal nn.Linear's, (out, in), under each
+    shape-dependent scale (None: Dion's default)."""
     torch.manual_seed(0)
     conv, linear = Conv1D(24, 8), torch.nn.Linear(8, 24, bias=False)  # out 24, in 8
     with torch.no_grad():
         linear.weight.copy_(conv.weight.T)
     steps = []
     for module, weight in ((conv, conv.weight), (torch.nn.Sequential(linear), linear.weight)):
-        cls, kwargs = dion_for_trainer(module, lr=0.05, weight_decay=0.1)
+        extra = {} if lr_scale is None else {"lr_scale": lr_scale}
+        cls, kwargs = dion_for_trainer(module, lr=0.05, weight_decay=0.1, **extra)
         opt = cls(**kwargs)
         for seed in range(3):
             g = torch.randn(24, 8, generator=torch.Generator().manual_seed(seed))

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,10 +101,14 @@ def test_chunks_follow_torch_chunk():
     par = Parallelism(dp=2, fsdp=4)
     cfg = DionConfig(0.25, method="cholesky")  # r = 8 for w, 1 for h
     ps = [ledger(dion_collectives(params, par, cfg, rank))["by_kind"] for rank in range(4)]
-    # w: rows over FSDP, P over replicas (a_loc r), R over rows and replicas (b r each);
+    # w: rows over FSDP, P over replicas (a_loc r), R over rows (2 b r: with the Nesterov
+    # lookahead, Dion's default, B^T P travels beside C^T P) and replicas (b r);
     # h (canonical 30 x 3): columns over FSDP, P over columns and replicas, R over replicas
     assert [p["P"]["elements"] for p in ps] == [18 * 8 + 60] * 3 + [16 * 8 + 60]
-    assert [p["R"]["elements"] for p in ps] == [2 * 30 * 8 + 1] * 3 + [2 * 30 * 8]
+    assert [p["R"]["elements"] for p in ps] == [3 * 30 * 8 + 1] * 3 + [3 * 30 * 8]
+    plain = [ledger(dion_collectives(params, par, replace(cfg, nesterov=False), rank))["by_kind"]
+             for rank in range(4)]
+    assert [p["R"]["elements"] for p in plain] == [2 * 30 * 8 + 1] * 3 + [2 * 30 * 8]
     assert [p["norms"]["elements"] for p in ps] == [1] * 4
 
 

@@ -1,5 +1,6 @@
 """torchdion.Dion against the float64 reference of docs/design.md section 1, and the full-rank facts
-that follow from the equations (momentum mu * B, polar factor, error feedback, orthonormal P)."""
+that follow from the paper's equations (nesterov=False, spectral scale: momentum mu * B, polar
+factor, error feedback, orthonormal P)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_float32_close_to_reference(device):
 @pytest.mark.parametrize("m,n", [(10, 6), (6, 10), (7, 7), (1, 5), (5, 1)])
 def test_full_rank_momentum_is_mu_B(m, n, method):
     mu = 0.8
-    opt, p, ref, gen = dion_and_reference(m, n, min(m, n), method, mu=mu)
+    opt, p, ref, gen = dion_and_reference(m, n, min(m, n), method, mu=mu, nesterov=False)
     M = torch.zeros(m, n, dtype=torch.float64)
     for _ in range(3):
         G = torch.randn(m, n, generator=gen, dtype=torch.float64)
@@ -116,7 +117,8 @@ def test_full_rank_direction_tends_to_polar_factor(m, n, method):
     target = polar(B0)
     p = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
     # eps = 0: Q = R / ||R|| exactly, else the direction is U S (S + eps)^-1 V^T
-    opt = torchdion.Dion([p], lr=lr, mu=mu, weight_decay=0.0, eps=0.0, orthonormalize=method)
+    opt = torchdion.Dion([p], lr=lr, mu=mu, weight_decay=0.0, eps=0.0, orthonormalize=method,
+                         nesterov=False, lr_scale="spectral")
     scale = math.sqrt(m / n)
     errors = []
     for t in range(30):
@@ -139,7 +141,7 @@ def test_error_feedback_and_orthonormal_P(m, n, r, method, device):
     identities: P^T P = I, Q = R / ||R||, M = B - (1 - mu) P R^T with R = B^T P."""
     mu, lr, wd, eps = 0.85, 0.1, 0.1, 1e-8
     opt, p, _, gen = dion_and_reference(m, n, r, method, mu=mu, lr=lr, weight_decay=wd, eps=eps,
-                                        device=device)
+                                        device=device, nesterov=False)
     scale = math.sqrt(m / n)
     canon = (lambda t: t.T) if m < n else (lambda t: t)
     for _ in range(3):
@@ -166,7 +168,8 @@ def test_rank_one_1xn_is_normalized_gradient(method):
     """For a 1 x n weight, r = 1 and the update is the gradient direction, scaled sqrt(1/n)."""
     n, lr = 9, 0.05
     p = torch.nn.Parameter(torch.zeros(1, n, dtype=torch.float64))
-    opt = torchdion.Dion([p], lr=lr, weight_decay=0.0, orthonormalize=method)
+    opt = torchdion.Dion([p], lr=lr, weight_decay=0.0, orthonormalize=method, nesterov=False,
+                         lr_scale="spectral")
     G = torch.randn(1, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     p.grad = G
     opt.step()

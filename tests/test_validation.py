@@ -20,11 +20,11 @@ BAD = {
     "eps": [-1e-8, math.nan, math.inf, None],
     "power_iters": [0, -1, 1.0, True, None],
     "orthonormalize": ["svd", "QR", None, 1],
-    "lr_scale": ["sqrt", None, 1.0],
+    "lr_scale": ["sqrt", 1.0],  # None: the algorithm's default
     "algorithm": ["sgd", "Dion", None],
     "flatten": [1, "yes", None],
     "state_dtype": [torch.int32, torch.bool, "float32", torch.float32.itemsize],
-    "nesterov": [1, "yes", None],
+    "nesterov": [1, "yes"],  # None: the algorithm's default
     "polar_q": [0, "no", None],
     "direction_tol": [-0.1, 1.0, math.nan, "0.1", None, True],
 }

@@ -40,6 +40,7 @@ from .validation import (
     check_framework_flags,
     check_group_keys,
     check_scalars_fit,
+    fill_algorithm_defaults,
     parameter_name,
     parameter_names,
     validate_hyperparameters,
@@ -63,13 +64,17 @@ class Dion(Optimizer):
     m >= n, else X^T, shape (a, b)), momentum M and Q (b, r)::
 
         B = M + G
-        P = orthonormalize(B Q)
-        R = B^T P
-        M = B - (1 - mu) P R^T
+        C = G + mu B                      the Nesterov lookahead (nesterov=False: C = B)
+        P = orthonormalize(C Q)
+        R = C^T P
+        M = B - (1 - mu) P (B^T P)^T      error feedback: only B's captured part decays
         Q = R / (column_norms(R) + eps)
         X = X (1 - lr * weight_decay) - lr * scale(m, n) * P Q^T
 
-    r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)).
+    r = min(b, ceil_to_multiple(rank_fraction * b, rank_multiple_of)); scale(m, n) =
+    sqrt(max(1, m / n)) (``lr_scale="muon"``). The lookahead and this scale are Dion's defaults
+    since they won the quality benchmark at every rank (docs/benchmarks.md); ``nesterov=False,
+    lr_scale="spectral"`` is the paper's Dion.
 
     A ``"dion2"`` group selects the r columns of B = M + G with the largest L1 norms (A's
     columns: X's shorter side), orthonormalizes only them by Newton-Schulz, updates only them and
@@ -99,6 +104,8 @@ class Dion(Optimizer):
             "cholesky" (Cholesky QR, falling back to randomized when ill-conditioned).
         lr_scale: "spectral" (sqrt(m / n)), "muon" (sqrt(max(1, m / n)), torch.optim.Muon's and
             Keller Jordan's), "rms" (0.2 sqrt(max(m, n)), AdamW-like update RMS) or "none".
+            None: "muon" for Dion, "spectral" for Dion2 and Muon
+            (:data:`torchdion.validation.ALGORITHM_DEFAULTS`).
         algorithm: "dion", "dion2", "muon", "adamw" or "lion".
         flatten: treat a (out, in, *k) tensor as an (out, in * prod(k)) matrix.
         stacked: treat a (*batch, m, n) tensor as prod(batch) independent (m, n) matrices (the
@@ -115,7 +122,8 @@ class Dion(Optimizer):
             Newton-Schulz after its first Gram (the polynomial is applied in fp32).
         ns_steps: Newton-Schulz steps of Dion2 and Muon (coefficients in :mod:`torchdion.dion2`).
         nesterov: take the direction from the lookahead G + mu B instead of B (torch.optim.Muon's
-            default is True). Dion's error feedback still removes B's captured part.
+            default is True). Dion's error feedback still removes B's captured part. None: True
+            for Dion, False for Dion2 and Muon.
         polar_q: Dion's right factor is the polar factor of R (R (R^T R)^-1/2) instead of R's
             normalized columns: P Q^T = polar(P P^T C), at full rank Muon's direction.
         direction_tol: directions of R at or below this fraction of the largest (column norms,
@@ -171,14 +179,14 @@ class Dion(Optimizer):
         eps: float = 1e-8,
         power_iters: int = 1,
         orthonormalize: str = "randomized",
-        lr_scale: str = "spectral",
+        lr_scale: str | None = None,
         algorithm: str = "dion",
         flatten: bool = False,
         state_dtype: torch.dtype | None = None,
         matmul_dtype: torch.dtype | None = None,
         stacked: bool = False,
         ns_steps: int = 5,
-        nesterov: bool = False,
+        nesterov: bool | None = None,
         polar_q: bool = False,
         direction_tol: float = 0.0,
         *,
@@ -255,7 +263,7 @@ class Dion(Optimizer):
         merged = {**self.defaults, **param_group}
         validate_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}].")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group = fill_algorithm_defaults(self.param_groups[-1])
         try:
             # torch only warns; a repeated parameter would be stepped twice per step
             where = f"param_groups[{len(self.param_groups) - 1}].params"
@@ -409,7 +417,7 @@ class Dion(Optimizer):
         for gi, group in enumerate(self.param_groups):
             where = f"param_groups[{gi}]."
             check_group_keys(group, self.defaults, where)
-            validate_hyperparameters(group, where)
+            validate_hyperparameters(fill_algorithm_defaults(group), where)
             expected = STATE_KEYS[group["algorithm"]]
             lr = float(group["lr"])
             for p in group["params"]:

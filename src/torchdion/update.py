@@ -384,6 +384,12 @@ def dion_update(
     # The new momentum, formed in B's storage (B is not needed after this) so that what will be
     # written can be checked in the dtype it will be written in, then copied where ok.
     M = B
+    if C is not None:
+        # A column of P with no direction of C is rounding noise; B may still have a part along
+        # it (outside C's span), which would then decay along a direction each layout draws
+        # differently. Only the directions the update applies decay (without the lookahead, R_own
+        # is at rounding level there anyway).
+        R_own = R_own * direction.unsqueeze(-2)
     convert_buf = None
     if low is None:
         _add_product(M, P, R_own.mT, -(1 - mu))

@@ -23,6 +23,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..groups import param_groups
 from ..optimizer import Dion
+from ..update import lr_scale_factor
+from ..validation import fill_algorithm_defaults
 
 
 def _role_weights(model: nn.Module) -> list[Tensor]:
@@ -54,23 +56,25 @@ def dion_for_trainer(
     decay (as ``Trainer`` does). ``weight_decay`` is decoupled, times the group's lr.
 
     GPT-2-style ``Conv1D`` layers store their weight as (in, out), the transpose of
-    ``nn.Linear``'s; under ``lr_scale="spectral"`` each such shape gets its own group whose lr is
-    multiplied by out / in (and weight decay by in / out), so that its step equals the one of
-    the same ``nn.Linear``.
+    ``nn.Linear``'s; under a shape-dependent ``lr_scale`` (Dion's default "muon", or
+    "spectral") each such shape gets its own group whose lr is multiplied by
+    scale(out, in) / scale(in, out) (and weight decay divided by it), so that its step equals
+    the one of the same ``nn.Linear``.
     """
     hidden = {"lr": lr, "weight_decay": weight_decay, "rank_fraction": rank_fraction, **dion}
     groups = param_groups(
         model, head=_role_weights(model), elementwise=elementwise, dion=hidden,
         embedding={"lr": adam_lr, "weight_decay": weight_decay},
         other={"lr": adam_lr, "weight_decay": 0.0})
-    if hidden.get("lr_scale", "spectral") == "spectral":
-        groups = _conv1d_groups(model, groups)
+    kind = fill_algorithm_defaults({"algorithm": "dion", "lr_scale": hidden.get("lr_scale")})
+    groups = _conv1d_groups(model, groups, kind["lr_scale"])
     return Dion, {"params": groups, "lr": lr, "weight_decay": weight_decay}
 
 
-def _conv1d_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # spectral scale is sqrt(shape[0] / shape[1]), read as (out, in); for (in, out) storage the
-    # wanted sqrt(out / in) is that times out / in; lr * weight_decay stays as it was
+def _conv1d_groups(model: nn.Module, groups: list[dict[str, Any]],
+                   lr_scale: str) -> list[dict[str, Any]]:
+    # the scale reads shape (out, in); for (in, out) storage the wanted scale(out, in) is the
+    # read scale(in, out) times their ratio; lr * weight_decay stays as it was
     stored_in_out = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
     result = []
     for group in groups:
@@ -87,6 +91,8 @@ def _conv1d_groups(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[
         if rest:
             result.append({**group, "params": rest})
         for (fan_in, fan_out), params in by_shape.items():
-            result.append({**group, "params": params, "lr": group["lr"] * fan_out / fan_in,
-                           "weight_decay": group["weight_decay"] * fan_in / fan_out})
+            ratio = (lr_scale_factor(lr_scale, fan_out, fan_in)
+                     / lr_scale_factor(lr_scale, fan_in, fan_out))
+            result.append({**group, "params": params, "lr": group["lr"] * ratio,
+                           "weight_decay": group["weight_decay"] / ratio})
     return result

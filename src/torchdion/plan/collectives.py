@@ -25,6 +25,7 @@ from ..matrix_plan import MatrixPlan, dion_rank
 from ..orthonormalize import METHODS
 from ..reduce import Yielded, run_lockstep
 from ..update import dion_update
+from ..validation import fill_algorithm_defaults
 from .shard import AXES, Parallelism, Param, local_shape, matrix_plan
 
 
@@ -56,6 +57,9 @@ class DionConfig:
     power_iters: int = 1
     algorithm: str = "dion"
     ns_steps: int = 5
+    # Dion's options that change what is summed (None: the optimizer's default for the algorithm)
+    nesterov: bool | None = None
+    polar_q: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -177,8 +181,10 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
         Q = _meta((count, *plan.local_batch, *plan.q_shape), compute)
         sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
             else None
+        lookahead = fill_algorithm_defaults(dict(algorithm="dion", nesterov=cfg.nesterov))
+        C = _meta(B.shape, compute) if lookahead["nesterov"] else None
         gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,
-                                power_iters=cfg.power_iters))
+                                power_iters=cfg.power_iters, C=C, polar_q=cfg.polar_q))
     if syncs:
         comm.start_mean(whole, "dp", "grad")  # the optimizer's one bucketed gradient average
     run_lockstep(gens, plans, comm.complete)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..validation import fill_algorithm_defaults
 from .collectives import Collective, DionConfig
 from .shard import Parallelism, Param, local_shape, matrix_plan
 
@@ -120,9 +121,12 @@ def newton_schulz_flops(a_loc: int, k: int, steps: int) -> float:
 
 def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int = 0) -> float:
     """8 a b r per matrix over the local block (B Q, B^T P, the error feedback P R^T, the update
-    P Q^T; B Q and B^T P again per extra power iteration), plus orthonormalization. Dion2 and
-    Muon: Newton-Schulz on the selected (a_loc, k) columns (the rest is element-wise)."""
+    P Q^T; B Q and B^T P again per extra power iteration), plus orthonormalization; with the
+    Nesterov lookahead (Dion's default) 2 a b r more per power iteration (C^T P beside B^T P).
+    Dion2 and Muon: Newton-Schulz on the selected (a_loc, k) columns (the rest is
+    element-wise)."""
     coords = par.coords(rank)
+    lookahead = fill_algorithm_defaults(dict(algorithm="dion", nesterov=cfg.nesterov))["nesterov"]
     flops = _elementwise(params, par, coords, matrices=False)
     for p in params:
         if p.matrix:
@@ -134,7 +138,7 @@ def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int
                 flops += newton_schulz_flops(a_loc, r, cfg.ns_steps)
                 continue
             count = math.prod(plan.local_batch)  # the matrices of a stack held here
-            flops += count * (4 + 4 * cfg.power_iters) * a_loc * b_loc * r
+            flops += count * (4 + (6 if lookahead else 4) * cfg.power_iters) * a_loc * b_loc * r
             flops += count * cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,
                                                                     cfg.method)
     return flops
