@@ -20,8 +20,9 @@ from .orthonormalize import METHODS
 # are the options that won the quality benchmark at every rank, by more than the seeds' spread
 # at 300 steps and again at 1200 (docs/benchmarks.md, "Quality options"); Dion2 and Muon keep
 # plain momentum and the spectral scale (what they were measured with).
-ALGORITHM_DEFAULTS = {"nesterov": {"dion": True}, "lr_scale": {"dion": "muon"}}
-OTHER_DEFAULTS = {"nesterov": False, "lr_scale": "spectral"}
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {"nesterov": {"dion": True},
+                                                 "lr_scale": {"dion": "muon"}}
+OTHER_DEFAULTS: dict[str, Any] = {"nesterov": False, "lr_scale": "spectral"}
 # Algorithms that treat a parameter as a matrix (a MatrixPlan each); the rest are element-wise.
 MATRIX_ALGORITHMS = ("dion", "dion2", "muon")
 ALGORITHMS = (*MATRIX_ALGORITHMS, "adamw", "lion")
@@ -104,7 +105,7 @@ def fill_algorithm_defaults(group: dict[str, Any]) -> dict[str, Any]:
     are never None once added, and a None set between steps is filled at the next step."""
     for key, by_algorithm in ALGORITHM_DEFAULTS.items():
         if group.get(key) is None:
-            group[key] = by_algorithm.get(group.get("algorithm"), OTHER_DEFAULTS[key])
+            group[key] = by_algorithm.get(group.get("algorithm", ""), OTHER_DEFAULTS[key])
     return group
 
 
