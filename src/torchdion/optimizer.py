@@ -116,10 +116,11 @@ class Dion(Optimizer):
         state_dtype: dtype of momentum, Q and AdamW moments (None: the parameter's). The math
             runs in fp32 (fp64 for fp64 parameters) whatever the storage dtype.
         matmul_dtype: None (exact: the math's dtype) or torch.bfloat16 / torch.float16: the
-            four (a, b)-sized products of a Dion step (B Q, B^T P, P R^T, P Q^T) take their inputs
-            in this dtype; the orthonormalization of P, the column norms, momentum, Q and weight
-            writes stay in fp32 (fp64 for fp64 parameters). For Dion2 and Muon: the products of
-            Newton-Schulz after its first Gram (the polynomial is applied in fp32).
+            four (a, b)-sized products of a Dion step (B Q, B^T P, P R^T, P Q^T) and, in bf16,
+            the randomized sketch product take their inputs in this dtype; the Gram, Cholesky and
+            solves of P's orthonormalization, the column norms, momentum, Q and weight writes
+            stay in fp32 (fp64 for fp64 parameters). For Dion2 and Muon: Newton-Schulz's iterate
+            and products, as in torch.optim.Muon (the Grams are summed in fp32).
         ns_steps: Newton-Schulz steps of Dion2 and Muon (coefficients in :mod:`torchdion.dion2`).
         nesterov: take the direction from the lookahead G + mu B instead of B (torch.optim.Muon's
             default is True). Dion's error feedback still removes B's captured part. None: True
