@@ -285,9 +285,10 @@ def write_report(out: Path, results: dict, base: TrainConfig, seeds: int, target
 
 
 def variant_table(results: dict, seeds: int) -> list[str]:
-    """Each option against Dion's defaults at the same rank: the issue's decision rule (a win
-    at every rank by more than the seeds' spread) as a table. Difference = default's mean minus
-    the variant's (positive: the variant ends lower); spread = the larger of the two stds."""
+    """Each option against the paper's Dion at the same rank: issue 15's decision rule (a win
+    at every rank by more than the seeds' spread) as a table. Difference = the paper's Dion's mean
+    minus the variant's (positive: the variant ends lower); spread = the larger of the two
+    stds."""
     def stats(name):
         finals = [r["val_loss"] for r in results[name]["seeds"]]
         if len(finals) < max(seeds, 2):  # a spread needs two seeds
@@ -317,8 +318,9 @@ def variant_table(results: dict, seeds: int) -> list[str]:
         rows.append(f"| {v} | " + " | ".join(cells) + f" | {verdict} |")
     if not rows:
         return []
-    return ["", f"Options against the defaults (each arm at its own best lr, {seeds} seeds): "
-            "default's mean final loss minus the option's (positive: the option ends lower), "
+    return ["", f"Options against the paper's Dion (each arm at its own best lr, {seeds} seeds): "
+            "the mean final loss of 'Dion r=...' minus the option's (positive: the option ends "
+            "lower), "
             "in brackets the larger of the two arms' seed stds. A win by more than the spread "
             "at every rank is the issue's bar for a new default (with no loss at the longer "
             "horizon).", "",
