@@ -19,11 +19,10 @@ DDP + AdamW):
                                                  so the Nesterov lookahead adds no bytes there)
 
 netem.py's Dion ran the paper's Dion (``nesterov=False, lr_scale="spectral"``, the defaults of
-its day); the step-time table must hold that arm and the library's default at each rank:
+its day), as step_time.py's plain Dion rows do; the library's default adds the lookahead:
 
     python benchmarks/step_time.py --layers 2 --repeats 3 --no-bf16 --no-fp32-muon \
-        --dion-options '{"nesterov": false, "lr_scale": "spectral"}' \
-        --out benchmarks/results/step_time_options.md
+        --dion-options '{"nesterov": true}' --out benchmarks/results/step_time_options.md
 
 The two models differ (the steps are the small GPT's, the seconds GPT-2 blocks'): the table
 ranks the optimizers for a model whose step costs what netem's does; it is not a measured run.
@@ -78,10 +77,14 @@ def resolved(options: dict) -> dict:
 
 
 def step_time_row(rf: float, options: dict) -> str:
-    """The row of ``benchmarks/step_time.py`` that timed Dion at rank fraction ``rf`` with
-    ``options`` (its ``--dion-options`` JSON, verbatim, after the name; none for the defaults)."""
+    """The row of ``benchmarks/step_time.py`` that timed Dion's compute at rank fraction ``rf``
+    with ``options``: its plain rows step the paper's Dion, and ``--dion-options`` adds rows
+    named by that JSON. Only the options that change the compute name a row (the scale does
+    not)."""
     base = "Dion rank " + ("1 (full)" if rf == 1 else f"1/{round(1 / rf)}")
-    return base if resolved(options) == resolved({}) else f"{base} {json.dumps(options)}"
+    full = resolved(options)
+    extra = {k: True for k in ("nesterov", "polar_q") if full[k]}
+    return f"{base} {json.dumps(extra)}" if extra else base
 
 
 def main(argv=None) -> None:
