@@ -41,7 +41,8 @@ def sharded_step(M, G, X, *, fraction, mu, nesterov, row_parts=1, col_parts=1, n
     k = max(1, math.ceil(fraction * b - 1e-9))
     ranks = [(rs, cs) for rs in _chunks(a, row_parts) for cs in _chunks(b, col_parts)]
     gens = [dion2_update((MA + GA)[None, slice(*rs), slice(*cs)].clone(),
-                         GA[None, slice(*rs), slice(*cs)] if nesterov else None,
+                         (GA + mu * (MA + GA))[None, slice(*rs), slice(*cs)] if nesterov
+                         else None,
                          k=k, b=b, cols=cs, mu=mu, ns_steps=ns_steps, eps=eps,
                          matmul_dtype=matmul_dtype)
             for rs, cs in ranks]

@@ -142,7 +142,7 @@ def select_columns(norms: Tensor, k: int) -> Tensor:
 
 def dion2_update(
     B: Tensor,
-    G: Tensor | None,
+    C: Tensor | None,
     *,
     k: int,
     b: int,
@@ -155,15 +155,14 @@ def dion2_update(
     """One Dion2 step for B = M + G, local blocks of shape (batch, a_local, b_local).
 
     ``cols``: this block's columns [start, stop) of A, whose short side has ``b`` columns.
-    ``G``: the gradient for Nesterov's N = G + mu B on the selected columns, or None for N = B.
+    ``C``: Nesterov's lookahead G + mu B, whose selected columns are N, or None for N = B's.
+    ``mu`` is the error feedback's decay.
     """
     batch, rows, local_b = B.shape
     start, stop = cols
-    if k == b:  # Muon: every column, in order; no norms to rank them by, nothing to gather
+    every = k == b  # Muon: every column, in order: nothing to rank them by, nothing to gather
+    if every:
         selected = torch.arange(b, device=B.device).expand(batch, b)
-        N = B if G is None else torch.add(G.to(B.dtype), B, alpha=mu)
-        if local_b != b:  # this block's columns in place, the others summed in from theirs
-            N = B.new_zeros(batch, rows, b).index_copy_(-1, selected[0, start:stop], N)
         norms_ok = torch.ones(batch, dtype=torch.bool, device=B.device)
     else:
         partial = B.new_zeros(batch, b)
@@ -173,15 +172,18 @@ def dion2_update(
         selected = select_columns(norms, k)
     own = (selected >= start) & (selected < stop)
     local = (selected - start).clamp(0, max(local_b - 1, 0))
-    if k != b:
+    # This block's part of N, its own selected columns in place and zero elsewhere; the sum over
+    # the column shards completes it.
+    D = B if C is None else C  # what the direction is taken from
+    if every:
+        N = D
+        if local_b != b:
+            N = B.new_zeros(batch, rows, b).index_copy_(-1, selected[0, start:stop], D)
+    elif local_b:
+        N = D.gather(-1, local[:, None, :].expand(batch, rows, k)) * own[:, None, :]
+    else:
         N = B.new_zeros(batch, rows, k)
-        if local_b:
-            index = local[:, None, :].expand(batch, rows, k)
-            N = B.gather(-1, index)
-            if G is not None:
-                N = G.to(B.dtype).gather(-1, index).add_(N, alpha=mu)
-            N = N * own[:, None, :]
     N = yield Reduce(N, ("col",), "select")  # every rank, whatever columns it holds
     U, ok = yield newton_schulz(N, ns_steps, eps, matmul_dtype)
     return Dion2Step(B=B, selected=selected, own=own, local=local, U=U, ok=ok & norms_ok, mu=mu,
-                     cols=slice(start, stop) if k == b else None)
+                     cols=slice(start, stop) if every else None)

@@ -555,23 +555,22 @@ class Dion(Optimizer):
                            workspace.take((len(params), *momenta[0].shape), compute, device))
             matmul = group["matmul_dtype"]
             plans.append(plan)
+            C = None
+            if group["nesterov"]:  # C = G + mu B, the lookahead, for every algorithm
+                C = workspace.take(B.shape, compute, device)
+                for c, p, b in zip(C, params, B):
+                    torch.add(self._local_matrix(grads[p], group).to(compute), b,
+                              alpha=group["mu"], out=c)
+                C = plan.canonical(C)
             if plan.algorithm != "dion":  # Dion2, and Muon as Dion2 with every column
-                G = None
-                if group["nesterov"]:
-                    G = plan.canonical(torch.stack(
-                        [self._local_matrix(grads[p], group) for p in params]).to(compute))
-                calls.append((dion2_update, (plan.canonical(B), G), dict(
+                calls.append((dion2_update, (plan.canonical(B), C), dict(
                     k=plan.rank, b=plan.b, cols=plan.cols, mu=group["mu"],
                     ns_steps=group["ns_steps"], eps=group["eps"], matmul_dtype=matmul)))
                 continue
             Q = torch.stack([local_tensor(self.state[p]["Q"]) for p in params]).to(compute)
             options: dict[str, Any] = {}  # passed only when on: a substitute update may lack them
-            if group["nesterov"]:  # C = G + mu B, the lookahead
-                C = workspace.take(B.shape, compute, device)
-                for c, p, b in zip(C, params, B):
-                    torch.add(self._local_matrix(grads[p], group).to(compute), b,
-                              alpha=group["mu"], out=c)
-                options["C"] = plan.canonical(C)
+            if C is not None:
+                options["C"] = C
             if group["polar_q"]:
                 options["polar_q"] = True
             if matmul is not None:  # the bf16 copies and products reuse the workspace
