@@ -61,6 +61,11 @@ class DionConfig:
     nesterov: bool | None = None
     polar_q: bool = False
 
+    @property
+    def lookahead(self) -> bool:
+        """Whether Dion's matrices take the Nesterov lookahead (``nesterov``, or its default)."""
+        return fill_algorithm_defaults(dict(algorithm="dion", nesterov=self.nesterov))["nesterov"]
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -181,8 +186,7 @@ def dion_collectives(params: list[Param], par: Parallelism, cfg: DionConfig, ran
         Q = _meta((count, *plan.local_batch, *plan.q_shape), compute)
         sketch = _meta((plan.sketch_rows, plan.local_shape[0]), compute) if plan.sketch_rows \
             else None
-        lookahead = fill_algorithm_defaults(dict(algorithm="dion", nesterov=cfg.nesterov))
-        C = _meta(B.shape, compute) if lookahead["nesterov"] else None
+        C = _meta(B.shape, compute) if cfg.lookahead else None
         gens.append(dion_update(B, Q, mu=0.0, eps=0.0, method=cfg.method, sketch=sketch,
                                 power_iters=cfg.power_iters, C=C, polar_q=cfg.polar_q))
     if syncs:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..validation import fill_algorithm_defaults
 from .collectives import Collective, DionConfig
 from .shard import Parallelism, Param, local_shape, matrix_plan
 
@@ -126,7 +125,6 @@ def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int
     Dion2 and Muon: Newton-Schulz on the selected (a_loc, k) columns (the rest is
     element-wise)."""
     coords = par.coords(rank)
-    lookahead = fill_algorithm_defaults(dict(algorithm="dion", nesterov=cfg.nesterov))["nesterov"]
     flops = _elementwise(params, par, coords, matrices=False)
     for p in params:
         if p.matrix:
@@ -138,7 +136,7 @@ def dion_flops(params: list[Param], par: Parallelism, cfg: DionConfig, rank: int
                 flops += newton_schulz_flops(a_loc, r, cfg.ns_steps)
                 continue
             count = math.prod(plan.local_batch)  # the matrices of a stack held here
-            flops += count * (4 + (6 if lookahead else 4) * cfg.power_iters) * a_loc * b_loc * r
+            flops += count * (4 + (6 if cfg.lookahead else 4) * cfg.power_iters) * a_loc * b_loc * r
             flops += count * cfg.power_iters * orthonormalize_flops(a_loc, r, plan.sketch_rows,
                                                                     cfg.method)
     return flops
