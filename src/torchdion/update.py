@@ -228,10 +228,10 @@ class DionStep:
     R_own: Tensor
     mu: float
     M: Tensor
-    matmul_dtype: torch.dtype | None = None
     Q_next: Tensor | None = None  # the next step's Q where it is not the update's (polar_q)
-    # Low precision: the batch's (a, b) buffer in matmul_dtype (free once the momentum is
-    # formed) and one matrix of B's dtype to convert products into (see add_converted)
+    # Low-precision products (None: B's dtype): the batch's (a, b) buffer in matmul_dtype (free
+    # once the momentum is formed) and one matrix of B's dtype to convert products into (see
+    # add_converted)
     low_buf: Tensor | None = None
     convert_buf: Tensor | None = None
 
@@ -248,10 +248,10 @@ class DionStep:
         if decay != 1:
             keep = torch.full((), decay, dtype=A.dtype, device=A.device)
             A.mul_(torch.where(self.ok[i], keep, 1.0)[..., None, None])
-        if self.matmul_dtype is None:
+        if self.low_buf is None:
             _add_product(A, P, Q.mT, alpha)
             return
-        low = self.matmul_dtype
+        low = self.low_buf.dtype
         E = _add_product(self.low_buf[i], P.to(low), Q.to(low).mT, 1.0, beta=0.0)
         add_converted(A, E, alpha, self.convert_buf)
 
@@ -398,7 +398,7 @@ def dion_update(
     else:
         P_out = torch.where(okb & direction.unsqueeze(-2), P, 0.0)
     return DionStep(P=P_out, Q=Q_out, ok=ok, moved=moved, B=B, P_fb=P, R_own=R_own, mu=mu, M=M,
-                    matmul_dtype=low, Q_next=Q_next, low_buf=None if low is None else Bm,
+                    Q_next=Q_next, low_buf=None if low is None else Bm,
                     convert_buf=convert_buf)
 
 
